@@ -36,6 +36,7 @@ import psutil
 from benchmarks.bench_serving import DEFAULT_PROMPTS, measure_throughput
 from sae_steer_vllm.default_model import prepare_default_model
 from sae_steer_vllm.sae import read_config
+from sae_steer_vllm.serve import small_cpu_env
 from sae_steer_vllm.spec import FeatureIntervention, SteeringSpec
 
 
@@ -46,12 +47,18 @@ def _free_port() -> int:
 
 
 def _tree_rss_mb(pid: int) -> float:
+    """Proportional set size (PSS) of the server's process tree, in MB.
+
+    PSS, not RSS: RSS counts a shared page once per process (and once per mapping of
+    the same file), which overstates a multi-process server and hid a real bug here
+    (the plugin once kept one mapping of the SAE file per planned feature).
+    """
     p = psutil.Process(pid)
     procs = [p, *p.children(recursive=True)]
     total = 0
     for q in procs:
         with contextlib.suppress(psutil.Error):
-            total += q.memory_info().rss
+            total += q.memory_full_info().pss
     return total / 2**20
 
 
@@ -59,10 +66,13 @@ class Server:
     def __init__(self, cmd: list[str], port: int, log: Path) -> None:
         self.port = port
         self.log = log
-        env = {
-            **os.environ,
-            "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
-        }
+        # the same thread binding for both servers (sae-steer serve would pick it anyway)
+        env = small_cpu_env(
+            {
+                **os.environ,
+                "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
+            }
+        )
         self._f = log.open("w")
         self.proc = subprocess.Popen(
             cmd, stdout=self._f, stderr=subprocess.STDOUT, env=env, start_new_session=True
@@ -144,6 +154,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--extra", default="", help="extra vLLM flags for both servers, e.g. '--enforce-eager'"
     )
+    ap.add_argument(
+        "--dtype",
+        default="float32",
+        help="model dtype for both servers (default float32: on CPUs without AMX/AVX512-BF16, "
+        "vLLM's bfloat16 falls back to slow torch kernels, 5x slower here)",
+    )
     args = ap.parse_args(argv)
 
     model = args.model or str(prepare_default_model())
@@ -177,10 +193,18 @@ def main(argv: list[str] | None = None) -> int:
         name,
         "--max-num-seqs",
         "64",
+        "--dtype",
+        args.dtype,
         *args.extra.split(),
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {"tokens_per_request": args.tokens, "reps": args.reps, "cells": {}}
+    results: dict[str, Any] = {
+        "tokens_per_request": args.tokens,
+        "reps": args.reps,
+        "dtype": args.dtype,
+        "extra": args.extra,
+        "cells": {},
+    }
 
     def run_server(kind: str) -> Server:
         port = _free_port()
@@ -265,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         c64 = f"{cells[k64]:.1f} | {cells[k64] / cells['stock/none/64']:.3f}"
         lines.append(f"| {label} | {c16} | {c64} |")
     lines.append(
-        f"\nResident memory of the server process tree after the runs: stock "
+        f"\nMemory (PSS) of the server process tree after the runs: stock "
         f"{results['stock_rss_mb_after']:.0f} MB, plugin {results['plugin_rss_mb_after']:.0f} MB "
         f"(+{results['plugin_rss_mb_after'] - results['stock_rss_mb_after']:.0f} MB; at start-up "
         f"{results['stock_rss_mb']:.0f} vs {results['plugin_rss_mb']:.0f} MB)."

@@ -86,6 +86,7 @@ _SAELENS = (
     _LOAD
     + r"""
 from sae_lens import StandardTrainingSAE, StandardTrainingSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig
+from sae_lens import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
 from sae_lens.config import LoggingConfig, SAETrainerConfig
 from sae_lens.training.sae_trainer import SAETrainer
 B = a["batch_size"]
@@ -101,6 +102,8 @@ def provider():
 common = dict(d_in=train_x.shape[1], d_sae=a["d_sae"], normalize_activations="expected_average_only_in", decoder_init_norm=0.1)
 if a["arch"] == "topk":
     sae = TopKTrainingSAE(TopKTrainingSAEConfig(k=a["k"], **common))
+elif a["arch"] == "batchtopk":
+    sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(k=a["k"], **common))
 else:
     sae = StandardTrainingSAE(StandardTrainingSAEConfig(l1_coefficient=a["l1_coeff"], l1_warm_up_steps=int(0.05 * steps), **common))
 cfg = SAETrainerConfig(total_training_samples=steps * B, train_batch_size_samples=B, lr=a["lr"], lr_end=0.0,
@@ -175,7 +178,12 @@ def main(argv: list[str] | None = None) -> int:
         "--activations", type=Path, default=ROOT / "runs" / "acts-l18-240k", help="activation cache"
     )
     p.add_argument("--layer", type=int, default=18)
-    p.add_argument("--arch", choices=["topk", "standard"], nargs="+", default=["topk", "standard"])
+    p.add_argument(
+        "--arch",
+        choices=["batchtopk", "topk", "standard"],
+        nargs="+",
+        default=["batchtopk", "topk", "standard"],
+    )
     p.add_argument("--tokens", type=int, default=65536, help="training tokens for each trainer")
     p.add_argument(
         "--eval-tokens", type=int, default=8192, help="held-out tokens (the cache's last)"

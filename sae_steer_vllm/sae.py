@@ -428,6 +428,11 @@ def _sparsify_config(
 
 
 # ------------------------------------------------------------------ rows on demand
+def _owned(t: torch.Tensor) -> torch.Tensor:
+    """A flat float32 copy that owns its memory (never a view of a memory-mapped file)."""
+    return t.to(torch.float32, copy=True).reshape(-1)
+
+
 class SAERows:
     """Reads single features' encoder/decoder rows without loading the matrices.
 
@@ -448,14 +453,14 @@ class SAERows:
             self._enc_rows_first = enc_shape == (self.cfg.d_sae, self.cfg.d_in) and not square
         self._dec_rows_first = tuple(shapes["W_dec"]) == (self.cfg.d_sae, self.cfg.d_in)
         with safe_open(str(self.path), framework="pt") as f:
-            self.b_dec = f.get_tensor("b_dec").float()
+            self.b_dec = _owned(f.get_tensor("b_dec"))
             thr = None
             if "threshold" in shapes:
-                thr = f.get_tensor("threshold").float()
+                thr = _owned(f.get_tensor("threshold"))
             elif "log_threshold" in shapes:
-                thr = torch.exp(f.get_tensor("log_threshold").float())
+                thr = torch.exp(_owned(f.get_tensor("log_threshold")))
             self.threshold = thr
-            self.b_enc = f.get_tensor(self._benc_name).float()
+            self.b_enc = _owned(f.get_tensor(self._benc_name))
 
     def feature(self, i: int) -> tuple[torch.Tensor, float, float, torch.Tensor]:
         """(encoder column [d_in], effective bias, threshold, decoder row [d_in]).
@@ -467,11 +472,13 @@ class SAERows:
             raise IndexError(f"feature {i} out of range [0, {self.cfg.d_sae})")
         with safe_open(str(self.path), framework="pt") as f:
             enc_s = f.get_slice(self._enc_name)
-            enc = enc_s[i].float() if self._enc_rows_first else enc_s[:, i].float()
+            enc = enc_s[i] if self._enc_rows_first else enc_s[:, i]
             dec_s = f.get_slice("W_dec")
-            dec = dec_s[i].float() if self._dec_rows_first else dec_s[:, i].float()
-        enc = enc.reshape(-1)
-        dec = dec.reshape(-1)
+            dec = dec_s[i] if self._dec_rows_first else dec_s[:, i]
+        # Copy out: a float32 slice can be a view of the file's memory map, and keeping
+        # it would keep one mapping of the whole file alive per feature ever planned.
+        enc = _owned(enc)
+        dec = _owned(dec)
         bias = float(self.b_enc[i])
         if self.cfg.apply_b_dec_to_input:
             bias -= float(self.b_dec @ enc)

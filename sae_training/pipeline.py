@@ -90,7 +90,7 @@ class DemoConfig(BaseModel):
     dashboard_top: int = Field(20, ge=1, description="features with an HTML dashboard page")
     # --- study
     dataset: str = Field("gsm8k", description="problem set: gsm8k, math500, aime24 or a JSONL path")
-    n_prompts: int = Field(64, ge=1, description="problems (a seeded random subset)")
+    n_prompts: int = Field(60, ge=1, description="problems (a seeded random subset)")
     n_features: int = Field(
         2, ge=1, description="top ReasonScore features, and as many random controls"
     )
@@ -108,7 +108,9 @@ class DemoConfig(BaseModel):
     temperature: float = Field(0.0, ge=0.0, description="0 = greedy (paired, reproducible)")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling")
     seed: int = Field(0, description="problem subset and random control features")
-    concurrency: int = Field(32, ge=1, description="requests in flight")
+    concurrency: int = Field(
+        64, ge=1, description="requests in flight (the server runs 64 at once)"
+    )
     # --- server
     base_url: str | None = Field(
         None,

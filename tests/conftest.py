@@ -49,6 +49,8 @@ class SteerServer:
     sae_path: Path
     d_sae: int
     topk_sae_name: str  # TopK SAE without statistics
+    jumprelu_sae_name: str  # JumpReLU SAE (layer 14, threshold 4.0) with statistics
+    jumprelu_sae_path: Path
     max_interventions: int
     log_path: Path
 
@@ -89,6 +91,12 @@ def steer_server(
     make_random_sae(sae, d_in=576, d_sae=1024, layer=18)
     topk = root / "sae-topk-l10"
     make_random_sae(topk, d_in=576, d_sae=512, layer=10, architecture="topk", with_stats=False)
+    # Threshold 4.0 sits inside the layer-14 pre-activation range of this SAE's first
+    # features on real text, so an exactness test fails if the plugin ignores it.
+    jr = root / "sae-jumprelu-l14"
+    make_random_sae(
+        jr, d_in=576, d_sae=256, layer=14, architecture="jumprelu", seed=3, threshold=4.0
+    )
     port = _free_port()
     log = root / "server.log"
     max_interventions = 8
@@ -101,6 +109,8 @@ def steer_server(
         f"test-sae={sae}",
         "--sae",
         f"topk-sae={topk}",
+        "--sae",
+        f"jr-sae={jr}",
         "--max-interventions",
         str(max_interventions),
         "--dtype",
@@ -131,6 +141,8 @@ def steer_server(
             sae_path=sae,
             d_sae=1024,
             topk_sae_name="topk-sae",
+            jumprelu_sae_name="jr-sae",
+            jumprelu_sae_path=jr,
             max_interventions=max_interventions,
             log_path=log,
         )

@@ -29,8 +29,12 @@ def make_random_sae(
     seed: int = 0,
     with_stats: bool = True,
     enc_scale: float = 1.0,
+    threshold: float | None = None,
 ) -> SAE:
-    """A random SAE whose features actually fire on real activations (positive bias)."""
+    """A random SAE whose features actually fire on real activations (positive bias).
+
+    ``threshold``: one JumpReLU threshold for every feature (default: random in [0, 0.2)).
+    """
     g = torch.Generator().manual_seed(seed)
     W_dec = torch.randn(d_sae, d_in, generator=g)
     W_dec = W_dec / W_dec.norm(dim=1, keepdim=True)
@@ -38,7 +42,11 @@ def make_random_sae(
     b_enc = torch.rand(d_sae, generator=g) * 0.5
     b_dec = torch.randn(d_in, generator=g) * 0.01
     k = 8 if architecture == "topk" else None
-    thr = torch.rand(d_sae, generator=g) * 0.2 if architecture == "jumprelu" else None
+    thr = None
+    if architecture == "jumprelu":
+        thr = torch.rand(d_sae, generator=g) * 0.2
+        if threshold is not None:
+            thr = torch.full((d_sae,), threshold)
     cfg = SAEConfig(
         d_in=d_in,
         d_sae=d_sae,

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
+from steering_reference import make_random_sae
 
 from sae_steer_vllm.sae import SAE, SAEConfig, SAEFormatError, SAERows, read_config
 
@@ -159,3 +160,21 @@ def test_bad_files_name_file_and_problem(tmp_path: Path, case: str, needle: str)
         SAE.load(folder)
     assert needle in str(e.value)
     assert str(folder) in str(e.value)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
+def test_feature_rows_do_not_keep_the_file_mapped(tmp_path: Path) -> None:
+    """Each planned feature once kept a whole-file mmap alive (the server's RSS grew
+    by GBs under 64 distinct specs); rows must be owned copies."""
+    make_random_sae(tmp_path / "s", d_in=64, d_sae=256, layer=2)
+    rows = SAERows(tmp_path / "s")
+    kept = [rows.feature(i) for i in range(40)]
+    mapped = [
+        line for line in Path("/proc/self/maps").read_text().splitlines() if "sae_weights" in line
+    ]
+    assert mapped == []
+    assert all(
+        t.is_contiguous() and t.dtype == torch.float32
+        for enc, _, _, dec in kept
+        for t in (enc, dec)
+    )

@@ -270,11 +270,26 @@ def test_prompt_logprobs_match_transformers(steer_server: Any) -> None:
     tok = AutoTokenizer.from_pretrained(str(steer_server.model_path))
     prompt = "The mitochondria is the powerhouse of the cell, and"
     ids = tok(prompt)["input_ids"]
-    saes = {steer_server.sae_name: steer_server.sae_path}
+    saes = {
+        steer_server.sae_name: steer_server.sae_path,
+        steer_server.jumprelu_sae_name: steer_server.jumprelu_sae_path,
+    }
+    jr = {"sae": steer_server.jumprelu_sae_name, "feature": 3, "mode": "clamp"}
     for spec in (
         None,
         _spec(steer_server, feature=3, strength=8.0),
         _spec(steer_server, feature=7, value=30.0, strength=None, mode="add"),
+        # JumpReLU: feature 3 sits below its threshold on some prompt tokens, above on others
+        SteeringSpec.from_obj({"interventions": [{**jr, "value": 12.0}]}),
+        # two SAEs at two layers in one request, one clamp by strength (statistics)
+        SteeringSpec.from_obj(
+            {
+                "interventions": [
+                    {**jr, "strength": 3.0},
+                    {"sae": steer_server.sae_name, "feature": 5, "value": 20.0, "mode": "clamp"},
+                ]
+            }
+        ),
     ):
         got = _prompt_logprobs(steer_server, ids, spec)
         ref = reference_prompt_logprobs(str(steer_server.model_path), ids, spec, saes)

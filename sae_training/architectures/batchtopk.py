@@ -6,6 +6,9 @@ threshold (an exponential moving average of the smallest activation kept)
 replaces the batch rule; the saved file is a ``jumprelu`` SAE with that
 threshold for every feature, the same conversion SAELens makes.
 
+The sparse kernels of :mod:`sparse_ops` train it at TopK's speed (the batch's
+selection is padded per token to the largest count).
+
 Note for data parallelism: the batch rule sees only a rank's local batch, so
 multi-process runs are not bitwise the 1-process run (topk and standard are).
 """
@@ -21,7 +24,9 @@ from sae_training.architectures.base import (
     ForwardOutput,
     TrainableSAE,
     mse_per_token,
+    sparse_decode,
 )
+from sae_training.architectures.sparse_ops import batchtopk_encode
 
 
 class BatchTopKSAE(TrainableSAE):
@@ -42,35 +47,21 @@ class BatchTopKSAE(TrainableSAE):
         self.register_buffer("threshold", torch.tensor(-1.0))
 
     def training_forward(self, x: torch.Tensor, progress: float) -> ForwardOutput:
-        pre = torch.relu(self.pre_acts(x))
-        B = x.shape[0]
-        flat_vals, flat_idx = pre.reshape(-1).topk(self.k * B, sorted=False)
-        rows = torch.div(flat_idx, self.d_sae, rounding_mode="floor")
-        cols = flat_idx - rows * self.d_sae
-        alive = flat_vals > 0
-        # Per-token lists of varying length -> embedding_bag with offsets.
-        order = torch.argsort(rows[alive], stable=True)
-        r, c, v = rows[alive][order], cols[alive][order], flat_vals[alive][order]
-        counts = torch.bincount(r, minlength=B)
-        offsets = torch.cumsum(counts, 0) - counts
-        recon = (
-            torch.nn.functional.embedding_bag(
-                c, self.W_dec, offsets, per_sample_weights=v, mode="sum", include_last_offset=False
-            )
-            + self.b_dec
-        )
+        vals, idx = batchtopk_encode(x, self.b_dec, self.W_enc, self.b_enc, self.k)
+        recon = sparse_decode(idx, vals, self.W_dec, self.b_dec)
         mse = mse_per_token(recon, x)
+        alive = vals > 0
         with torch.no_grad():
-            if v.numel():
-                smallest = v.min()
+            if alive.any():
+                smallest = vals[alive].min()
                 t = self.threshold
                 t.copy_(smallest if t < 0 else self.momentum * t + (1 - self.momentum) * smallest)
         fired = torch.zeros(self.d_sae, dtype=torch.bool, device=x.device)
-        fired[c] = True
+        fired[idx[alive]] = True
         return ForwardOutput(
             recon=recon,
             loss=mse,
-            l0=counts.float().mean(),
+            l0=alive.sum(-1).float().mean(),
             fired=fired,
             terms={"mse": mse.detach(), "threshold": self.threshold.detach().clone()},
         )

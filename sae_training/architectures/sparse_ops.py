@@ -79,6 +79,57 @@ def topk_encode(
     return out
 
 
+class BatchTopKEncode(TopKEncode):
+    """BatchTopK's encoder: the ``k * B`` largest pre-activations of the whole batch.
+
+    Tokens keep a varying number of features, so the result is padded to the
+    largest count in the batch (``[B, kmax]``; padding has value 0 at index 0,
+    which gets no gradient because the backward masks ``vals > 0``). In that
+    shape :class:`TopKEncode`'s sparse backward and :class:`SparseDecode` apply
+    unchanged, so BatchTopK trains at TopK's speed instead of paying for the
+    dense ``[B, d_sae]`` gradient that autograd through a flat ``topk`` builds.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        b_dec: torch.Tensor,
+        W_enc: torch.Tensor,
+        b_enc: torch.Tensor,
+        k: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        x_c = x - b_dec
+        pre = torch.addmm(b_enc, x_c, W_enc)
+        B, d_sae = pre.shape
+        flat_vals, flat_idx = pre.reshape(-1).topk(min(k * B, B * d_sae), sorted=False)
+        keep = flat_vals > 0
+        flat_vals, flat_idx = flat_vals[keep], flat_idx[keep]
+        rows = torch.div(flat_idx, d_sae, rounding_mode="floor")
+        cols = flat_idx - rows * d_sae
+        order = torch.argsort(rows, stable=True)
+        rows, cols, flat_vals = rows[order], cols[order], flat_vals[order]
+        counts = torch.bincount(rows, minlength=B)
+        starts = torch.cumsum(counts, 0) - counts
+        slot = torch.arange(rows.numel(), device=pre.device) - starts[rows]
+        kmax = max(int(counts.max()) if rows.numel() else 0, 1)
+        idx = torch.zeros(B, kmax, dtype=torch.long, device=pre.device)
+        vals = torch.zeros(B, kmax, dtype=pre.dtype, device=pre.device)
+        idx[rows, slot] = cols
+        vals[rows, slot] = flat_vals
+        ctx.save_for_backward(x_c, W_enc, vals, idx)
+        ctx.mark_non_differentiable(idx)
+        return vals, idx
+
+
+def batchtopk_encode(
+    x: torch.Tensor, b_dec: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(vals [B, kmax], idx [B, kmax])``, zero-padded; see :class:`BatchTopKEncode`."""
+    out: tuple[torch.Tensor, torch.Tensor] = BatchTopKEncode.apply(x, b_dec, W_enc, b_enc, k)  # type: ignore[no-untyped-call]
+    return out
+
+
 class SparseDecode(torch.autograd.Function):
     """``sum_j vals[:, j] * W_dec[idx[:, j]]`` with a sparse backward.
 
