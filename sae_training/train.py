@@ -204,6 +204,7 @@ def run_training(job: TrainJob) -> dict[str, Any]:
         "collect_seconds": round(t_collected - t_start, 2),
         "train_seconds": round(t_trained - t_collected, 2),
         "history": result.history,
+        "finalized": result.finalized,
     }
     if rank == 0:
         sae = export_sae(

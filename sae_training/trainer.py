@@ -20,7 +20,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -197,6 +197,8 @@ class TrainResult:
     seconds: float
     tokens_per_second: float
     steps: int
+    finalized: dict[str, float] = field(default_factory=dict)
+    """What the architecture fitted once training ended (e.g. a calibrated threshold)."""
 
 
 class Trainer:
@@ -227,6 +229,7 @@ class Trainer:
         )
         self.step = 0
         self.scale = 0.0
+        self.finalized: dict[str, float] = {}
         self.tokens_since_fired = torch.zeros(cfg.d_sae, dtype=torch.long)
         self.history: list[dict[str, float]] = []
         self.ckpt_path = self.out_dir / CHECKPOINT_FILE
@@ -362,11 +365,20 @@ class Trainer:
         for k, v in self.sae.state_dict().items():
             if torch.is_floating_point(v) and not torch.isfinite(v).all():
                 raise self._diverged(f"weight {k} became non-finite")
+        # Deterministic on every rank (same head of the same source), so no all-reduce.
+        sample = self.source.head(self.cfg.norm_tokens).to(self.device) * self.scale
+        self.finalized = self.sae.finalize(sample)
         self.checkpoint()
         secs = time.perf_counter() - t0
         done = (self.step - start_step) * cfg.batch_size
         return TrainResult(
-            self.sae, self.scale, self.history, secs, done / secs if secs > 0 else 0.0, self.step
+            self.sae,
+            self.scale,
+            self.history,
+            secs,
+            done / secs if secs > 0 else 0.0,
+            self.step,
+            self.finalized,
         )
 
     @torch.no_grad()

@@ -8,6 +8,7 @@ batch-invariant, torch.compile mode, two registered SAEs).
 from __future__ import annotations
 
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from sae_steer_vllm.default_model import prepare_default_model
+from sae_steer_vllm.serve import small_cpu_env
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -125,8 +127,16 @@ def steer_server(
         "32",
         "--seed",
         "0",
+        "--print-command",
     ]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2"}
+    # The server runs the hand-launch command (`python -m vllm.entrypoints.openai.api_server
+    # ...`, what the README documents) that `sae-steer serve --print-command` prints, so the
+    # suite covers launching vLLM directly; `sae-steer serve` itself is run by the pipeline
+    # test. small_cpu_env is what `sae-steer serve` would add to the environment.
+    printed = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    cmd = shlex.split(printed.strip().splitlines()[-1])
+    assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"], cmd
+    env = small_cpu_env({**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2"})
     with log.open("w") as f:
         proc = subprocess.Popen(
             cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True

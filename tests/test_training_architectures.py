@@ -54,6 +54,12 @@ def test_architecture_trains_and_round_trips(arch: str, tmp_path: Path) -> None:
     elif arch == "batchtopk":
         thr = float(result.sae.threshold)
         f_train = torch.where(pre > thr, pre, torch.zeros_like(pre))
+        # the threshold is calibrated on the normalisation sample (the first 4096
+        # tokens): there, the saved JumpReLU keeps exactly k features per token on average
+        with torch.no_grad():
+            l0 = (loaded.encode(acts[: cfg.norm_tokens]) > 0).sum(-1).float().mean()
+        assert abs(float(l0) - 6) < 0.01, float(l0)
+        assert result.finalized["threshold_calibrated"] == pytest.approx(thr)
     else:
         f_train = torch.relu(pre)
     torch.testing.assert_close(f_loaded, f_train, atol=1e-4, rtol=1e-4)

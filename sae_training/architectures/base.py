@@ -91,6 +91,12 @@ class TrainableSAE(torch.nn.Module):
     def load_extra_state(self, state: dict[str, Any]) -> None:
         return None
 
+    @torch.no_grad()
+    def finalize(self, sample: torch.Tensor) -> dict[str, float]:
+        """Once training ends: fit inference-only state on ``sample`` (training-space
+        activations). Returns numbers worth recording in the metrics."""
+        return {}
+
     def before_optimizer_step(self) -> None:
         """Drop the decoder-gradient component that would change row norms."""
         if self.unit_norm_decoder and self.W_dec.grad is not None:
