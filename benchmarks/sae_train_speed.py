@@ -70,7 +70,7 @@ from sae_training.activations import MemoryActivations
 from sae_training.trainer import RunOptions, TrainConfig, Trainer, export_sae
 import tempfile
 cfg = TrainConfig(architecture=a["arch"], d_sae=a["d_sae"], k=a["k"], l1_coeff=a["l1_coeff"], lr=a["lr"],
-                  lr_decay=0.2, batch_size=a["batch_size"], train_tokens=a["tokens"],
+                  lr_decay=0.2, batch_size=a["batch_size"], train_tokens=a["tokens"], grad_clip=a["grad_clip"],
                   norm_tokens=min(32768, a["tokens"]))
 t = time.perf_counter()
 res = Trainer(cfg, MemoryActivations(train_x), Path(tempfile.mkdtemp()), RunOptions(progress=False, checkpoint_every=10**9)).train()
@@ -194,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument(
+        "--grad-clip", type=float, default=None, help="ours only (SAELens always clips at 1.0)"
+    )
+    p.add_argument(
         "--trainers", nargs="+", choices=["ours", "SAELens"], default=["ours", "SAELens"]
     )
     p.add_argument(
@@ -227,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             "l1_coeff": args.l1_coeff,
             "lr": args.lr,
             "batch_size": args.batch_size,
+            "grad_clip": args.grad_clip,
         }
         for name, py, code in (
             ("ours", Path(sys.executable), _OURS),

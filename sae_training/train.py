@@ -403,6 +403,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--train-tokens", type=int, help="total training tokens (epochs over the data if larger)"
     )
+    t.add_argument(
+        "--grad-clip", type=float, help="clip the gradient norm (SAELens clips at 1.0; default off)"
+    )
     t.add_argument("--seed", type=int, help="seed for init and batch order")
     t.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its checkpoint"
@@ -431,6 +434,7 @@ _TRAIN_FIELDS = (
     "lr_decay",
     "batch_size",
     "train_tokens",
+    "grad_clip",
     "seed",
 )
 

@@ -65,6 +65,8 @@ class TrainConfig(BaseModel):
     lr_decay: float = Field(0.2, ge=0, le=1)
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.999, ge=0, lt=1)
+    grad_clip: float | None = Field(None, gt=0)
+    """Clip the global gradient norm to this (SAELens always clips at 1.0; None: off)."""
     batch_size: int = Field(4096, gt=0)
     train_tokens: int = Field(..., gt=0)
     init_dec_norm: float = Field(0.1, gt=0)
@@ -335,6 +337,8 @@ class Trainer:
                             n = p.grad.numel()
                             p.grad.copy_(flat[off : off + n].view_as(p.grad))
                             off += n
+                if cfg.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 self.sae.before_optimizer_step()
                 self.opt.step()
                 self.sae.after_optimizer_step()

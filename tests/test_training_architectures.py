@@ -150,3 +150,23 @@ def test_batchtopk_sparse_kernels_match_autograd(hot_zero: bool) -> None:
     torch.testing.assert_close(out, ref)
     for name in params:
         torch.testing.assert_close(g_ours[name], g_ref[name], msg=name)
+
+
+def test_grad_clip_is_applied_each_step(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    calls: list[float] = []
+    real = torch.nn.utils.clip_grad_norm_
+
+    def spy(params, max_norm, *a, **kw):  # type: ignore[no-untyped-def]
+        calls.append(float(max_norm))
+        return real(params, max_norm, *a, **kw)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    acts = synthetic_acts()[:2048]
+    cfg = TrainConfig(
+        architecture="standard", d_sae=64, batch_size=256, train_tokens=1024, norm_tokens=1024
+    )
+    Trainer(cfg, MemoryActivations(acts), tmp_path / "a", RunOptions(progress=False)).train()
+    assert calls == []
+    clipped = cfg.model_copy(update={"grad_clip": 0.5})
+    Trainer(clipped, MemoryActivations(acts), tmp_path / "b", RunOptions(progress=False)).train()
+    assert calls == [0.5] * clipped.total_steps
