@@ -59,8 +59,18 @@ def ev_l0(encode, decode, x):
     with torch.no_grad():
         f = encode(x)
         r = decode(f)
-    return {"explained_variance": float(1 - (x - r).pow(2).sum() / (x - x.mean(0)).pow(2).sum()),
-            "l0": float((f > 0).float().sum(-1).mean())}
+    # ~0.01% of layer-18 tokens are "massive activations" (norm up to 100x the median); a
+    # JumpReLU SAE can blow up on them and dominate a raw EV, so EV is also reported on the
+    # typical tokens (norm <= 10x the median), the same tokens for every trainer.
+    n = x.norm(dim=-1)
+    typ = n <= 10 * n.median()
+    def ev(m):
+        xs, rs = x[m], r[m]
+        return float(1 - (xs - rs).pow(2).sum() / (xs - xs.mean(0)).pow(2).sum())
+    return {"explained_variance": ev(torch.ones_like(typ)), "explained_variance_typical": ev(typ),
+            "typical_fraction": float(typ.float().mean()),
+            "l0": float((f > 0).float().sum(-1).mean()),
+            "l0_typical": float((f[typ] > 0).float().sum(-1).mean())}
 """
 
 _OURS = (
@@ -253,15 +263,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def markdown_table(results: dict[str, Any]) -> str:
     lines = [
-        "| arch | trainer | tokens/s | speed-up | train RSS (MB) | peak RSS (MB) | EV | L0 |",
-        "|---|---|---|---|---|---|---|---|",
+        "| arch | trainer | tokens/s | speed-up | train RSS (MB) | peak RSS (MB) | EV | L0 "
+        "| EV typical tokens | L0 typical |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     base = {r["arch"]: r["tokens_per_second"] for r in results["rows"] if r["trainer"] == "SAELens"}
     for r in results["rows"]:
         up = r["tokens_per_second"] / base[r["arch"]] if r["arch"] in base else float("nan")
         lines.append(
             f"| {r['arch']} | {r['trainer']} | {r['tokens_per_second']:.0f} | {up:.2f}x | "
-            f"{r['train_rss_mb']:.0f} | {r['peak_rss_mb']:.0f} | {r['explained_variance']:.3f} | {r['l0']:.1f} |"
+            f"{r['train_rss_mb']:.0f} | {r['peak_rss_mb']:.0f} | {r['explained_variance']:.3f} | "
+            f"{r['l0']:.1f} | {r.get('explained_variance_typical', float('nan')):.3f} | "
+            f"{r.get('l0_typical', float('nan')):.1f} |"
         )
     c = results.get("collection")
     if c:

@@ -404,7 +404,10 @@ def _parser() -> argparse.ArgumentParser:
         "--train-tokens", type=int, help="total training tokens (epochs over the data if larger)"
     )
     t.add_argument(
-        "--grad-clip", type=float, help="clip the gradient norm (SAELens clips at 1.0; default off)"
+        "--grad-clip",
+        type=float,
+        help="clip the gradient norm (default: 1.0 for standard, as SAELens; off for topk and "
+        "batchtopk; 0 = off)",
     )
     t.add_argument("--seed", type=int, help="seed for init and batch order")
     t.add_argument(

@@ -65,14 +65,28 @@ class TrainConfig(BaseModel):
     lr_decay: float = Field(0.2, ge=0, le=1)
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.999, ge=0, lt=1)
-    grad_clip: float | None = Field(None, gt=0)
-    """Clip the global gradient norm to this (SAELens always clips at 1.0; None: off)."""
+    grad_clip: float | None = Field(None, ge=0)
+    """Clip the global gradient norm to this; 0 turns clipping off; None (default) means
+    1.0 for ``standard`` and off for the k-sparse architectures (see ``clip_norm``)."""
     batch_size: int = Field(4096, gt=0)
     train_tokens: int = Field(..., gt=0)
     init_dec_norm: float = Field(0.1, gt=0)
     norm_tokens: int = Field(32768, gt=0)
     dead_window: int = Field(1_000_000, gt=0)
     seed: int = 0
+
+    @property
+    def clip_norm(self) -> float | None:
+        """The gradient-norm clip in effect, or None.
+
+        Why 1.0 for the standard SAE: its L1 loss's early gradients are huge, and without
+        clipping it trailed SAELens (which always clips at 1.0) badly: held-out EV 0.32 at
+        L0 378 vs 0.73 at L0 437 after the same 65k tokens; with it, 0.73 at L0 395. The
+        k-sparse recipes were measured without it.
+        """
+        if self.grad_clip is None:
+            return 1.0 if self.architecture == "standard" else None
+        return self.grad_clip or None
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -337,8 +351,8 @@ class Trainer:
                             n = p.grad.numel()
                             p.grad.copy_(flat[off : off + n].view_as(p.grad))
                             off += n
-                if cfg.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                if cfg.clip_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)
                 self.sae.before_optimizer_step()
                 self.opt.step()
                 self.sae.after_optimizer_step()

@@ -106,18 +106,24 @@ def test_unknown_architecture_and_bad_config() -> None:
         TrainConfig(architecture="topk", d_sae=8, k=16, train_tokens=8192)
 
 
-@pytest.mark.parametrize("hot_zero", [False, True])
-def test_batchtopk_sparse_kernels_match_autograd(hot_zero: bool) -> None:
+@pytest.mark.parametrize(
+    ("hot_zero", "massive", "k"), [(False, False, 3), (True, False, 3), (False, True, 1)]
+)
+def test_batchtopk_sparse_kernels_match_autograd(hot_zero: bool, massive: bool, k: int) -> None:
     """The padded sparse BatchTopK encode/decode gives autograd's values and gradients.
 
     ``hot_zero`` makes feature 0 fire everywhere, so real entries collide with the
-    padding index (0) that the padded layout uses.
+    padding index (0) that the padded layout uses. ``massive`` gives one token 100x the
+    norm, so it holds more of the batch's winners than the per-row candidate stage
+    keeps (8k = 8 of 32 features), which must fall back to the exact flat selection.
     """
     from sae_training.architectures.sparse_ops import batchtopk_encode, sparse_decode_rows
 
     g = torch.Generator().manual_seed(0)
-    B, d, D, k = 16, 8, 32, 3
+    B, d, D = 16, 8, 32
     x = torch.randn(B, d, generator=g, dtype=torch.float64)
+    if massive:
+        x[0] *= 100.0
     params = {
         "W_enc": torch.randn(d, D, generator=g, dtype=torch.float64),
         "b_enc": torch.randn(D, generator=g, dtype=torch.float64),
@@ -165,8 +171,16 @@ def test_grad_clip_is_applied_each_step(monkeypatch: pytest.MonkeyPatch, tmp_pat
     cfg = TrainConfig(
         architecture="standard", d_sae=64, batch_size=256, train_tokens=1024, norm_tokens=1024
     )
-    Trainer(cfg, MemoryActivations(acts), tmp_path / "a", RunOptions(progress=False)).train()
-    assert calls == []
-    clipped = cfg.model_copy(update={"grad_clip": 0.5})
-    Trainer(clipped, MemoryActivations(acts), tmp_path / "b", RunOptions(progress=False)).train()
-    assert calls == [0.5] * clipped.total_steps
+    steps = cfg.total_steps
+
+    def run(name: str, **update: object) -> list[float]:
+        calls.clear()
+        c = TrainConfig(**{**cfg.model_dump(), **update})
+        Trainer(c, MemoryActivations(acts), tmp_path / name, RunOptions(progress=False)).train()
+        return list(calls)
+
+    assert run("std") == [1.0] * steps  # standard clips at 1.0 by default, as SAELens
+    assert run("std-off", grad_clip=0.0) == []
+    assert run("std-half", grad_clip=0.5) == [0.5] * steps
+    assert run("topk", architecture="topk", k=4) == []  # k-sparse: off by default
+    assert run("topk-on", architecture="topk", k=4, grad_clip=2.0) == [2.0] * steps

@@ -101,12 +101,8 @@ class BatchTopKEncode(TopKEncode):
     ) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
         x_c = x - b_dec
         pre = torch.addmm(b_enc, x_c, W_enc)
-        B, d_sae = pre.shape
-        flat_vals, flat_idx = pre.reshape(-1).topk(min(k * B, B * d_sae), sorted=False)
-        keep = flat_vals > 0
-        flat_vals, flat_idx = flat_vals[keep], flat_idx[keep]
-        rows = torch.div(flat_idx, d_sae, rounding_mode="floor")
-        cols = flat_idx - rows * d_sae
+        B = pre.shape[0]
+        rows, cols, flat_vals = _batch_topk(pre, k)
         order = torch.argsort(rows, stable=True)
         rows, cols, flat_vals = rows[order], cols[order], flat_vals[order]
         counts = torch.bincount(rows, minlength=B)
@@ -120,6 +116,33 @@ class BatchTopKEncode(TopKEncode):
         ctx.save_for_backward(x_c, W_enc, vals, idx)
         ctx.mark_non_differentiable(idx)
         return vals, idx
+
+
+def _batch_topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows, cols, values) of the ``k * B`` largest positive entries of ``pre [B, d_sae]``.
+
+    A flat ``topk`` over all ``B * d_sae`` values is ~10x slower on CPU than a row-wise
+    one, so candidates come from each row's ``8k`` largest first. That is exact unless a
+    row could hold more winners than its candidates (its smallest candidate reaches the
+    batch threshold: e.g. one "massive activation" token taking most of the batch's
+    budget); then the flat ``topk`` over everything runs instead.
+    """
+    B, d_sae = pre.shape
+    n_keep = min(k * B, B * d_sae)
+    k1 = min(d_sae, 8 * k)
+    if k1 < d_sae:
+        cand_vals, cand_idx = pre.topk(k1, dim=-1, sorted=False)
+        vals, pos = cand_vals.reshape(-1).topk(n_keep, sorted=False)
+        if not bool((cand_vals.min(dim=-1).values >= vals.min()).any()):
+            rows = torch.div(pos, k1, rounding_mode="floor")
+            cols = cand_idx.reshape(-1)[pos]
+            keep = vals > 0
+            return rows[keep], cols[keep], vals[keep]
+    vals, flat_idx = pre.reshape(-1).topk(n_keep, sorted=False)
+    keep = vals > 0
+    vals, flat_idx = vals[keep], flat_idx[keep]
+    rows = torch.div(flat_idx, d_sae, rounding_mode="floor")
+    return rows, flat_idx - rows * d_sae, vals
 
 
 def batchtopk_encode(
