@@ -4,7 +4,8 @@ Both run on the raw-space :class:`~sae_steer_vllm.sae.SAE` that is saved, so
 the numbers describe the file on disk, not the training-time module.
 
 * Reconstruction: MSE, explained variance ``1 - sum|x - x_hat|^2 / sum|x - mean|^2``
-  (1 - FVU), L0 and the fraction of features that never fire on the held-out set.
+  (1 - FVU), L0 and the fraction of features that never fire on the held-out set; EV
+  and L0 also over the typical tokens (norm <= 10x the median).
 * LM: next-token cross-entropy of the clean model, with the SAE reconstruction
   spliced into resid_post of the layer, and with that activation zeroed.
   ``ce_recovered = (ce_zero - ce_sae) / (ce_zero - ce_clean)`` and the mean
@@ -26,23 +27,43 @@ from sae_training.activations import decoder_layers
 
 @torch.no_grad()
 def reconstruction_metrics(sae: SAE, acts: torch.Tensor, batch: int = 4096) -> dict[str, float]:
+    """Reconstruction metrics over all tokens, and over the *typical* ones.
+
+    Why both: a few "massive activation" tokens (norm > 10x the median; ~0.1% of
+    layer-18 tokens of the default model) can hold most of the variance, so the plain
+    EV mostly measures how well an SAE reconstructs them. ``explained_variance_typical``
+    leaves them out (its own mean and variance), and says how the SAE does on the
+    tokens steering usually acts on.
+    """
+    norms = acts.norm(dim=-1)
+    typical = norms <= 10 * norms.median()
     mean = acts.mean(0)
-    resid = var = l0 = 0.0
+    mean_t = acts[typical].mean(0) if typical.any() else mean
+    resid = var = l0 = resid_t = var_t = l0_t = 0.0
     fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
     for i in range(0, acts.shape[0], batch):
         x = acts[i : i + batch]
+        t = typical[i : i + batch]
         f = sae.encode(x)
         recon = sae.decode(f)
-        resid += float((x - recon).pow(2).sum())
+        err = (x - recon).pow(2).sum(-1)
+        resid += float(err.sum())
         var += float((x - mean).pow(2).sum())
+        resid_t += float(err[t].sum())
+        var_t += float((x[t] - mean_t).pow(2).sum())
         active = f > 0
         l0 += float(active.sum())
+        l0_t += float(active[t].sum())
         fired |= active.any(0)
     n = acts.shape[0]
+    n_t = max(int(typical.sum()), 1)
     return {
         "mse": resid / n,
         "explained_variance": 1.0 - resid / max(var, 1e-12),
         "l0": l0 / n,
+        "explained_variance_typical": 1.0 - resid_t / max(var_t, 1e-12),
+        "l0_typical": l0_t / n_t,
+        "typical_fraction": n_t / n,
         "dead_fraction": float((~fired).float().mean()),
         "eval_tokens": float(n),
     }

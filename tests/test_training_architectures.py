@@ -184,3 +184,28 @@ def test_grad_clip_is_applied_each_step(monkeypatch: pytest.MonkeyPatch, tmp_pat
     assert run("std-half", grad_clip=0.5) == [0.5] * steps
     assert run("topk", architecture="topk", k=4) == []  # k-sparse: off by default
     assert run("topk-on", architecture="topk", k=4, grad_clip=2.0) == [2.0] * steps
+
+
+def test_reconstruction_metrics_report_typical_tokens_apart_from_massive_ones() -> None:
+    """One "massive activation" token can hold most of the variance: the plain EV then
+    says little about the other tokens, which ``explained_variance_typical`` measures."""
+    from sae_steer_vllm.sae import SAEConfig
+    from sae_training.evaluation import reconstruction_metrics
+
+    d = 4
+    eye = torch.eye(d)
+    sae = SAE(
+        SAEConfig(d_in=d, d_sae=d, architecture="standard", hook_layer=0),
+        eye.clone(),
+        torch.zeros(d),
+        eye.clone(),
+        torch.zeros(d),
+    )
+    g = torch.Generator().manual_seed(0)
+    typical = -torch.rand(99, d, generator=g) - 0.5  # negative: ReLU features never fire
+    massive = torch.full((1, d), 500.0)  # positive: reconstructed exactly
+    m = reconstruction_metrics(sae, torch.cat([typical, massive]))
+    assert m["explained_variance"] > 0.95
+    assert m["explained_variance_typical"] < 0.0  # reconstructs 0 for tokens far from the mean
+    assert m["typical_fraction"] == pytest.approx(0.99)
+    assert m["l0_typical"] == 0.0 and m["l0"] == pytest.approx(0.04)
