@@ -7,9 +7,12 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from eval_fakes import FakeModel, FakeServer, free_port, make_problems
@@ -112,12 +115,31 @@ def test_full_cli_run_with_rejected_spec_and_missing_answers(
     assert "f3_clamp_s2" in (out / "summary.md").read_text()
 
 
+@dataclass
+class _GatedModel(FakeModel):
+    """Answers ``open_after`` requests, then holds the rest until ``gate`` is set, so the
+    run cannot finish before the test interrupts it, however slow the machine is."""
+
+    open_after: int = 3
+    gate: threading.Event = field(default_factory=threading.Event)
+    served: int = 0
+
+    def respond(self, body: dict[str, Any]) -> Any:
+        with self._lock:
+            self.served += 1
+            n = self.served
+        if n > self.open_after:
+            self.gate.wait(60)
+        return super().respond(body)
+
+
 def test_ctrl_c_then_resume_loses_and_duplicates_nothing(tmp_path: Path) -> None:
     data = _dataset(tmp_path, 8)
     out = tmp_path / "out"
     log = out / "samples.jsonl"
     args = ["--dataset", str(data), "--out", str(out), "--concurrency", "2", "-n", "2", "-q"]
-    with FakeServer(FakeModel(delay_s=0.15)) as srv:
+    model = _GatedModel()
+    with FakeServer(model) as srv:
         proc = subprocess.Popen(
             _cli("--base-url", srv.base_url, *args),
             cwd=REPO,
@@ -136,6 +158,7 @@ def test_ctrl_c_then_resume_loses_and_duplicates_nothing(tmp_path: Path) -> None
         finally:
             if proc.poll() is None:
                 proc.kill()
+            model.gate.set()
         assert proc.returncode == 130, err
         assert "rerun the same command with --resume" in err and "Traceback" not in err
         n_done = log.read_text().count("\n")
