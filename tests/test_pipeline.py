@@ -206,8 +206,9 @@ def test_demo_pipeline_tiny_end_to_end(
     recs = [json.loads(x) for x in lines]
     assert len(recs) == 4 * (1 + 2 * 3)  # 4 problems x (baseline + 1 top + 1 random at 3 strengths)
     assert all(r["error"] is None for r in recs), [r["error"] for r in recs if r["error"]]
-    # the tiny SAE is TopK (the default recipe), so mode "auto" steers with "add"
-    assert {r["spec_name"] for r in recs} >= {BASELINE, f"top1.f{top1}_add_s4"}
+    # the tiny SAE is BatchTopK saved as JumpReLU (the default recipe): "auto" means clamp
+    assert sae.cfg.architecture == "jumprelu"
+    assert {r["spec_name"] for r in recs} >= {BASELINE, f"top1.f{top1}_clamp_s4"}
     base = {r["problem_id"]: r["completion"] for r in recs if r["spec_name"] == BASELINE}
     strong = [r for r in recs if r["spec_name"].endswith("_s4")]
     assert any(r["completion"] != base[r["problem_id"]] for r in strong), "steering had no effect"
