@@ -232,7 +232,7 @@ def test_train_default_sae_tiny_configuration(tiny: tuple[Path, TextMix], tmp_pa
             tmp_path / "sae", model_path=path, layer=1, tokens=2048, d_sae=128, k=8, progress=False
         )
     sae = SAE.load(out)
-    assert (sae.cfg.architecture, sae.cfg.d_sae, sae.cfg.hook_layer) == ("topk", 128, 1)
+    assert (sae.cfg.architecture, sae.cfg.d_sae, sae.cfg.hook_layer) == ("jumprelu", 128, 1)
     m = json.loads((out / "metrics.json").read_text())
     recipe = train.DEFAULT_RECIPE
     epochs = recipe["train"]["train_tokens"] / recipe["collect_tokens"]
