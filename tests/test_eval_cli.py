@@ -154,7 +154,8 @@ def test_ctrl_c_then_resume_loses_and_duplicates_nothing(tmp_path: Path) -> None
                     break
                 time.sleep(0.05)
             os.kill(proc.pid, signal.SIGINT)
-            _, err = proc.communicate(timeout=60)
+            model.gate.set()  # let held requests finish, so the CLI's shutdown never waits on them
+            _, err = proc.communicate(timeout=120)
         finally:
             if proc.poll() is None:
                 proc.kill()
