@@ -1,0 +1,60 @@
+"""Every file and folder name sae-steer reads or writes, in one place (as SAELens does).
+
+A newcomer who finds a file on disk looks its name up here, then follows the comment
+to the one module that owns the format (reads it, writes it, decides compatibility).
+Nothing here imports torch or vLLM.
+"""
+
+from __future__ import annotations
+
+# ---------------------------------------------------------------- SAE folders
+# owner: sae_steer_vllm.sae (loaders per layout, canonical in-memory SAE)
+SAELENS_CFG = "cfg.json"
+"""SAELens (v5/v6) config beside its weights."""
+SAELENS_WEIGHTS = "sae_weights.safetensors"
+"""SAELens weights (W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_enc, b_dec, ...)."""
+SPARSIFY_WEIGHTS = "sae.safetensors"
+"""EleutherAI sparsify weights (encoder.weight, W_dec, ...), with ``cfg.json`` beside."""
+STATS_FILE = "feature_stats.safetensors"
+"""Per-feature statistics (max activation, ReasonScore, ...). owner: sae_steer_vllm.sae.stats_file"""
+
+# ---------------------------------------------------------------- activation caches
+# owner: sae_training.activation_cache
+ACTIVATION_META = "meta.json"
+"""Activation cache manifest: model, layers, context, token counts, shard list."""
+SHARD_PREFIX = "shard_"
+"""Activation shards: ``shard_00000.safetensors`` ..."""
+
+# ---------------------------------------------------------------- SAE training runs
+# owner: sae_training.trainer (checkpoint) and sae_training.train (metrics)
+CHECKPOINT_FILE = "checkpoint.pt"
+TRAIN_METRICS_FILE = "metrics.json"
+ACTIVATIONS_DIR = "activations"
+"""Activation cache collected by ``sae-steer train`` inside its output folder."""
+
+# ---------------------------------------------------------------- feature finding
+# owner: sae_training.features.ranked_table
+TABLE_JSON = "reasonscore_top.json"
+TABLE_CSV = "reasonscore_top.csv"
+DASHBOARD_DIR = "dashboard"
+VOCAB_FILE = "reasoning_vocab.json"
+"""Packaged reasoning vocabulary (sae_training/data/)."""
+
+# ---------------------------------------------------------------- eval runs
+# owner: benchmarks.results / benchmarks.report
+SAMPLES_FILE = "samples.jsonl"
+RUN_CONFIG_FILE = "config.json"
+SUMMARY_FILE = "summary.md"
+EVAL_METRICS_FILE = "metrics.json"
+PLOTS_DIR = "plots"
+
+# ---------------------------------------------------------------- demo
+# owner: benchmarks.demo
+DEMO_STATE_FILE = "steps.json"
+SERVER_FILE = "server.json"
+SERVER_LOG = "server.log"
+
+# ---------------------------------------------------------------- shared data
+CHAT_CORPUS = "chat.jsonl"
+TRACE_CORPUS = "reasoning_traces.jsonl"
+NONREASONING_CORPUS = "math_nonreasoning.jsonl"
