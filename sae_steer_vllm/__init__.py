@@ -1,11 +1,34 @@
 """sae-steer's vLLM plugin: per-request SAE-feature steering inside the residual stream.
 
-``register`` is the ``vllm.general_plugins`` entry point. vLLM calls it once in
-every process (API server, EngineCore, each worker), so it only registers
-*lazy* ``"module:Class"`` references: no torch or model import happens here.
+Public API (imported lazily, so ``import sae_steer_vllm`` stays light and never
+imports torch or vLLM):
+
+* the request side: :class:`SteeringSpec`, :class:`FeatureIntervention`,
+  :class:`VectorIntervention`, :func:`steering_extra_body`;
+* SAE files: :func:`load_sae`, :class:`SAE`, :class:`SAEConfig`;
+* :class:`SaeSteerError`, the base of every error sae-steer reports;
+* :func:`register`, the ``vllm.general_plugins`` entry point.
+
+Hand-launch paths (public too): ``--logits-processors
+sae_steer_vllm.batch_tracker:SteeringBatchTracker``, ``--middleware
+sae_steer_vllm.middleware.SteeringMiddleware``, and the model classes
+``sae_steer_vllm.steered_model:Steered<Arch>ForCausalLM``.
 """
 
 from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .errors import SaeSteerError
+    from .sae import SAE, SAEConfig, load_sae
+    from .spec import (
+        FeatureIntervention,
+        SteeringSpec,
+        VectorIntervention,
+        steering_extra_body,
+    )
 
 STEERED_ARCHITECTURES: dict[str, str] = {
     "LlamaForCausalLM": "SteeredLlamaForCausalLM",
@@ -13,10 +36,46 @@ STEERED_ARCHITECTURES: dict[str, str] = {
     "Qwen3ForCausalLM": "SteeredQwen3ForCausalLM",
     "MistralForCausalLM": "SteeredMistralForCausalLM",
 }
-"""Base architecture -> steered architecture name registered with vLLM."""
+"""Base architecture -> steered class in :mod:`sae_steer_vllm.steered_model`."""
+
+_LAZY: dict[str, str] = {
+    "SteeringSpec": "spec",
+    "FeatureIntervention": "spec",
+    "VectorIntervention": "spec",
+    "steering_extra_body": "spec",
+    "load_sae": "sae",
+    "SAE": "sae",
+    "SAEConfig": "sae",
+    "SaeSteerError": "errors",
+}
+
+__all__ = [
+    "SAE",
+    "STEERED_ARCHITECTURES",
+    "FeatureIntervention",
+    "SAEConfig",
+    "SaeSteerError",
+    "SteeringSpec",
+    "VectorIntervention",
+    "load_sae",
+    "register",
+    "steering_extra_body",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{module}", __name__), name)
 
 
 def register() -> None:
+    """Called by vLLM once in every process (API server, EngineCore, each worker).
+
+    Registers only *lazy* ``"module:Class"`` references, so no torch or model
+    import happens here.
+    """
     from vllm import ModelRegistry
 
     supported = set(ModelRegistry.get_supported_archs())

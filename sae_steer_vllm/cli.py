@@ -23,23 +23,26 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "sae_training.collect",
         "Run a model over a chat + reasoning-trace mix and cache resid_post activations.",
     ),
-    "train": ("sae_training.train", "Train an SAE (standard / topk / jumprelu) on activations."),
+    "train": ("sae_training.train", "Train an SAE (standard / topk / batchtopk) on activations."),
     "vocab": (
-        "sae_training.vocab",
+        "sae_training.features.vocab_cli",
         "Re-derive a reasoning vocabulary by comparing reasoning and non-reasoning corpora.",
     ),
     "score": (
-        "sae_training.score",
+        "sae_training.features.score_cli",
         "One streaming pass: feature statistics, max activations and ReasonScore.",
     ),
-    "dashboard": ("sae_training.dashboard", "Static HTML dashboards for the top features."),
+    "dashboard": (
+        "sae_training.features.dashboard_cli",
+        "Static HTML dashboards for the top features.",
+    ),
     "eval": (
         "benchmarks.eval",
         "Run AIME / MATH-500 / GSM8K (or any JSONL) against an OpenAI endpoint, with sweeps.",
     ),
     "bench": ("benchmarks.bench_serving", "Measure serving tokens/s for steered/unsteered mixes."),
     "demo": (
-        "sae_training.pipeline",
+        "benchmarks.demo.cli",
         "The whole study on the default model: train, score, serve, measure, report.",
     ),
 }

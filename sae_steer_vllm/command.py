@@ -80,12 +80,21 @@ def add_model_options(
     for name, field in model.model_fields.items():
         if name in skip:
             continue
-        extra = dict((field.json_schema_extra or {}).get("cli", {}))  # type: ignore[union-attr]
+        schema_extra: Any = (
+            field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        )
+        extra: dict[str, Any] = dict(schema_extra.get("cli", {}))
         aliases = list(extra.pop("aliases", []))
         help_text = " ".join((field.description or "").split())
-        if not field.is_required() and field.default is not None and field.annotation is not bool:
-            default = field.default
-            shown = default if not isinstance(default, (list, tuple)) else " ".join(map(str, default))
+        default = field.get_default(call_default_factory=True)
+        if (
+            not field.is_required()
+            and default not in (None, [], ())
+            and field.annotation is not bool
+        ):
+            shown = (
+                default if not isinstance(default, (list, tuple)) else " ".join(map(str, default))
+            )
             help_text += f" (default: {shown})"
         kw: dict[str, Any] = {"help": help_text or None, "dest": name}
         tp, _ = _unwrap_optional(field.annotation)
@@ -93,7 +102,11 @@ def add_model_options(
         if tp is bool:
             if field.default is True:
                 target.add_argument(
-                    _flag("no_" + name), *aliases, action="store_false", default=argparse.SUPPRESS, **kw
+                    _flag("no_" + name),
+                    *aliases,
+                    action="store_false",
+                    default=argparse.SUPPRESS,
+                    **kw,
                 )
             else:
                 target.add_argument(

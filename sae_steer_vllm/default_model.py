@@ -13,8 +13,10 @@ import importlib.util
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
+
+from .command import CommandConfig, add_model_options, model_from_args, run_command
+from .errors import SaeSteerError
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -33,8 +35,8 @@ def default_model_dir() -> Path:
     return cache_root() / "models" / DEFAULT_MODEL_NAME
 
 
-class DefaultModelError(RuntimeError):
-    pass
+class DefaultModelError(SaeSteerError, RuntimeError):
+    """The embedded model cannot be prepared (wheel missing, unexpected conversion)."""
 
 
 def find_gguf() -> Path:
@@ -96,6 +98,16 @@ def prepare_default_model(out_dir: Path | None = None, force: bool = False) -> P
     return out
 
 
+class PrepareModelOptions(CommandConfig):
+    """Options of ``sae-steer prepare-model``."""
+
+    out: Path | None = None
+    """output folder (default: <cache>/models/SmolLM2-135M-Instruct, where <cache> is
+    $SAE_STEER_CACHE, else $XDG_CACHE_HOME/sae-steer or ~/.cache/sae-steer)"""
+    force: bool = False
+    """convert again even if the folder exists"""
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="sae-steer prepare-model",
@@ -104,15 +116,12 @@ def main(argv: list[str]) -> int:
             "HF safetensors folder (the project's embedded default model). Idempotent."
         ),
     )
-    p.add_argument(
-        "--out", type=Path, default=None, help=f"output folder (default: {default_model_dir()})"
-    )
-    p.add_argument("--force", action="store_true", help="convert again even if the folder exists")
+    add_model_options(p, PrepareModelOptions)
     args = p.parse_args(argv)
-    try:
-        path = prepare_default_model(args.out, force=args.force)
-    except DefaultModelError as e:
-        print(f"sae-steer prepare-model: {e}", file=sys.stderr)
-        return 1
-    print(path)
-    return 0
+
+    def run() -> int:
+        opts = model_from_args(PrepareModelOptions, args)
+        print(prepare_default_model(opts.out, force=opts.force))
+        return 0
+
+    return run_command("sae-steer prepare-model", run)

@@ -27,7 +27,7 @@ import json
 import logging
 from typing import Any
 
-from .plugin_config import PluginConfig, PluginConfigError
+from .plugin_config import PluginConfigError
 from .spec import XARGS_KEY, SteeringSpec, SteeringSpecError
 from .steering_plan import SAECatalog, check_spec
 
@@ -49,10 +49,7 @@ class SteeringMiddleware:
             vllm_config = getattr(state, "vllm_config", None)
             if vllm_config is None:
                 raise PluginConfigError("vLLM config not available to the middleware")
-            hf = vllm_config.model_config.hf_config
-            text = hf.get_text_config() if hasattr(hf, "get_text_config") else hf
-            cfg = PluginConfig.from_additional_config(vllm_config.additional_config)
-            self._catalog = SAECatalog.load(cfg, int(text.num_hidden_layers), int(text.hidden_size))
+            self._catalog = SAECatalog.from_vllm_config(vllm_config)
         return self._catalog
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:

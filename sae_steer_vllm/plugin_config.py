@@ -14,11 +14,13 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .errors import UsageError
+
 CONFIG_KEY = "sae_steer"
 
 
-class PluginConfigError(ValueError):
-    pass
+class PluginConfigError(UsageError):
+    """The server's SAE registry or limits cannot serve (a ValueError)."""
 
 
 class PluginConfig(BaseModel):
@@ -28,7 +30,9 @@ class PluginConfig(BaseModel):
         default_factory=dict,
         description="SAE name -> folder (SAELens or sparsify layout). Requests name SAEs, never paths.",
     )
-    max_interventions: int = Field(default=16, ge=1, le=4096)
+    max_interventions: int = Field(
+        default=16, ge=1, le=4096, description="Interventions one request may carry."
+    )
     max_clamp_per_layer: int = Field(
         default=4,
         ge=1,

@@ -18,16 +18,24 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field, field_validator
+
 from . import STEERED_ARCHITECTURES
+from .command import CommandConfig, add_model_options, model_from_args, run_command
+from .errors import EXIT_USAGE, SaeSteerError
 from .plugin_config import CONFIG_KEY, PluginConfig, PluginConfigError
 from .steering_plan import SAECatalog
 
 TRACKER = "sae_steer_vllm.batch_tracker:SteeringBatchTracker"
+"""The V1 batch tracker's hand-launch path (``--logits-processors``): public API."""
 MIDDLEWARE = "sae_steer_vllm.middleware.SteeringMiddleware"
+"""The admission middleware's hand-launch path (``--middleware``): public API."""
 
 
-class ServeError(RuntimeError):
-    pass
+class ServeError(SaeSteerError, RuntimeError):
+    """The deployment cannot start (model not steerable, SAE does not fit, bad vLLM flag)."""
+
+    exit_code = EXIT_USAGE
 
 
 def _pop_flag(args: list[str], name: str) -> str | None:
@@ -41,6 +49,18 @@ def _pop_flag(args: list[str], name: str) -> str | None:
             del args[i]
             return a.split("=", 1)[1]
     return None
+
+
+def _json_flag(args: list[str], name: str) -> dict[str, Any]:
+    """Remove ``name JSON`` from args and return the object (``{}`` when absent)."""
+    text = _pop_flag(args, name)
+    try:
+        value = json.loads(text or "{}")
+    except json.JSONDecodeError as e:
+        raise ServeError(f"{name}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ServeError(f"{name}: expected a JSON object")
+    return value
 
 
 def small_cpu_env(env: dict[str, str]) -> dict[str, str]:
@@ -78,15 +98,12 @@ def _model_arch(model: str) -> tuple[str, int, int]:
     )
 
 
-def build_vllm_args(
-    vllm_args: list[str],
-    saes: dict[str, str],
-    *,
-    max_interventions: int = 16,
-    max_clamp_per_layer: int = 4,
-    vector_layers: str = "all",
-) -> list[str]:
-    """The api_server argv for a steered deployment (pure: unit-testable)."""
+def build_vllm_args(vllm_args: list[str], saes: dict[str, str], **limits: Any) -> list[str]:
+    """The api_server argv for a steered deployment (pure: unit-testable).
+
+    ``limits``: the other :class:`PluginConfig` fields (``max_interventions``,
+    ``max_clamp_per_layer``, ``vector_layers``); PluginConfig holds their defaults.
+    """
     args = list(vllm_args)
     model = _pop_flag(args, "--model")
     if model is None and args and not args[0].startswith("-"):
@@ -99,20 +116,15 @@ def build_vllm_args(
             args += ["--served-model-name", Path(model).name]
     steered, num_layers, d_model = _model_arch(model)
 
-    config = PluginConfig(
-        saes=saes,
-        max_interventions=max_interventions,
-        max_clamp_per_layer=max_clamp_per_layer,
-        vector_layers=vector_layers,
-    )
+    config = PluginConfig(saes=saes, **limits)
     try:
         SAECatalog.load(config, num_layers, d_model)
     except PluginConfigError as e:
         raise ServeError(str(e)) from None
 
-    overrides: dict[str, Any] = json.loads(_pop_flag(args, "--hf-overrides") or "{}")
+    overrides = _json_flag(args, "--hf-overrides")
     overrides["architectures"] = [steered]
-    additional: dict[str, Any] = json.loads(_pop_flag(args, "--additional-config") or "{}")
+    additional = _json_flag(args, "--additional-config")
     additional[CONFIG_KEY] = config.model_dump()
     lps = _pop_flag(args, "--logits-processors")
     procs = [p for p in (lps.split() if lps else []) if p != TRACKER] + [TRACKER]
@@ -132,13 +144,33 @@ def build_vllm_args(
     return out
 
 
-def _parse_sae(text: str) -> tuple[str, str]:
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
-    name, path = text.split("=", 1)
-    if not name or not path:
-        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
-    return name, path
+class ServeOptions(CommandConfig):
+    """``sae-steer serve``'s own options; the plugin limits come from :class:`PluginConfig`."""
+
+    sae: list[str] = Field(
+        default_factory=list,
+        json_schema_extra={"cli": {"action": "append", "nargs": None, "metavar": "NAME=PATH"}},
+    )
+    """register an SAE folder (SAELens or sparsify layout) under NAME; repeatable"""
+    print_command: bool = False
+    """print the vLLM command instead of running it"""
+
+    @field_validator("sae")
+    @classmethod
+    def _name_eq_path(cls, v: list[str]) -> list[str]:
+        names = []
+        for text in v:
+            name, eq, path = text.partition("=")
+            if not (name and eq and path):
+                raise ValueError(f"expected NAME=PATH, got {text!r}")
+            names.append(name)
+        if len(set(names)) != len(names):
+            raise ValueError("an SAE name is registered twice")
+        return v
+
+    def registry(self) -> dict[str, str]:
+        """SAE name -> folder."""
+        return dict(text.split("=", 1) for text in self.sae)  # type: ignore[misc]
 
 
 def main(argv: list[str]) -> int:
@@ -155,53 +187,22 @@ def main(argv: list[str]) -> int:
             "see sae_steer_vllm.spec.steering_extra_body."
         ),
     )
-    p.add_argument(
-        "--sae",
-        action="append",
-        default=[],
-        type=_parse_sae,
-        metavar="NAME=PATH",
-        help="register an SAE folder (SAELens or sparsify layout) under NAME; repeatable",
-    )
-    p.add_argument("--max-interventions", type=int, default=16, help="per request (default 16)")
-    p.add_argument(
-        "--max-clamp-per-layer",
-        type=int,
-        default=4,
-        help="clamped features per request per layer; sizes the clamp tables (default 4)",
-    )
-    p.add_argument(
-        "--vector-layers",
-        default="all",
-        help="layers accepting raw vectors and add-mode features: 'all' or '10,19' (default all)",
-    )
-    p.add_argument(
-        "--print-command",
-        action="store_true",
-        help="print the vLLM command instead of running it",
-    )
+    add_model_options(p, ServeOptions)
+    add_model_options(p, PluginConfig, exclude=["saes"], group="steering limits")
     args, vllm_args = p.parse_known_args(argv)
-    names = [n for n, _ in args.sae]
-    if len(set(names)) != len(names):
-        print("sae-steer serve: an SAE name is registered twice", file=sys.stderr)
-        return 2
-    try:
-        full = build_vllm_args(
-            vllm_args,
-            dict(args.sae),
-            max_interventions=args.max_interventions,
-            max_clamp_per_layer=args.max_clamp_per_layer,
-            vector_layers=args.vector_layers,
-        )
-    except (ServeError, PluginConfigError, ValueError) as e:
-        print(f"sae-steer serve: {e}", file=sys.stderr)
-        return 2
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *full]
-    if args.print_command:
-        import shlex
 
-        print(shlex.join(cmd))
-        return 0
-    sys.stdout.flush()
-    os.execve(sys.executable, cmd, small_cpu_env(dict(os.environ)))
-    return 0  # not reached
+    def run() -> int:
+        opts = model_from_args(ServeOptions, args)
+        limits = model_from_args(PluginConfig, args).model_dump(exclude={"saes"})
+        full = build_vllm_args(vllm_args, opts.registry(), **limits)
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *full]
+        if opts.print_command:
+            import shlex
+
+            print(shlex.join(cmd))
+            return 0
+        sys.stdout.flush()
+        os.execve(sys.executable, cmd, small_cpu_env(dict(os.environ)))
+        return 0  # not reached
+
+    return run_command("sae-steer serve", run)

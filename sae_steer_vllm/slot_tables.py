@@ -15,7 +15,14 @@ from __future__ import annotations
 
 import torch
 
-from .steering_plan import LayerPlan
+from .steering_plan import LayerPlan, PositionMode
+
+# plain ints: the gate is traced into the compiled graph, where they are constants
+_ALL, _PROMPT, _GENERATED = (
+    int(PositionMode.ALL),
+    int(PositionMode.PROMPT),
+    int(PositionMode.GENERATED),
+)
 
 
 class LayerTables(torch.nn.Module):
@@ -124,8 +131,8 @@ def position_gate(
     slot_mode: torch.Tensor,
     slot_prompt_len: torch.Tensor,
 ) -> torch.Tensor:
-    """1.0 for tokens the request's ``positions`` setting steers (0 all, 1 prompt, 2 generated)."""
+    """1.0 for tokens the request's ``positions`` setting (:class:`PositionMode`) steers."""
     mode = slot_mode[idx]
     is_prompt = positions < slot_prompt_len[idx]
-    keep = (mode == 0) | ((mode == 1) & is_prompt) | ((mode == 2) & ~is_prompt)
+    keep = (mode == _ALL) | ((mode == _PROMPT) & is_prompt) | ((mode == _GENERATED) & ~is_prompt)
     return keep.to(torch.float32)

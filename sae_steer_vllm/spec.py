@@ -11,7 +11,6 @@ This module imports neither torch nor vLLM: clients and benchmarks use it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from typing import Annotated, Any, Literal
@@ -25,6 +24,9 @@ from pydantic import (
     model_validator,
 )
 
+from .errors import UsageError
+from .files import json_digest
+
 XARGS_KEY = "steering"
 """Key under ``vllm_xargs`` / ``SamplingParams.extra_args``."""
 
@@ -32,8 +34,8 @@ Mode = Literal["clamp", "add"]
 Positions = Literal["all", "prompt", "generated"]
 
 
-class SteeringSpecError(ValueError):
-    """A spec that must be rejected; the message names the offending field."""
+class SteeringSpecError(UsageError):
+    """A spec that must be rejected; the message names the offending field (a ValueError)."""
 
 
 def _finite(v: float, name: str) -> float:
@@ -132,8 +134,7 @@ class SteeringSpec(BaseModel):
 
     def cache_salt(self) -> str:
         """Deterministic prefix-cache salt: identical specs share KV, others never do."""
-        canon = json.dumps(self.model_dump(exclude_none=True), sort_keys=True)
-        return "steer-" + hashlib.sha256(canon.encode()).hexdigest()[:40]
+        return "steer-" + json_digest(self.model_dump(exclude_none=True), length=40)
 
     def extra_body(self) -> dict[str, Any]:
         """``extra_body`` for the stock ``openai`` client (chat or completions)."""

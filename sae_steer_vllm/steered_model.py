@@ -1,7 +1,7 @@
 """Steered model classes: vLLM's own model plus a hook after each steerable decoder layer.
 
-``Steered<Arch>ForCausalLM`` subclasses vLLM's class unchanged and registers a
-forward hook on each steerable decoder layer in ``__init__`` (before the first
+``Steered<Arch>ForCausalLM(SteeringMixin, <Arch>ForCausalLM)`` is vLLM's class
+unchanged plus :class:`SteeringMixin`, which registers a forward hook on each steerable decoder layer in ``__init__`` (before the first
 compile, so dynamo inlines it into the graph). The hook adds the steering
 delta to ``residual``: a decoder layer returns ``(mlp_out, residual)`` and the
 true residual stream after the layer (HF's layer output, "resid_post") is
@@ -9,7 +9,10 @@ their sum. Adding to ``residual`` rather than ``mlp_out`` leaves the next
 layer's all-reduce -> fused add-RMSNorm pattern intact for TP fusion passes.
 
 The eager outer ``forward`` (outside vLLM's compiled trunk) is where Model
-Runner V1 fills the token->slot map for this step.
+Runner V1 fills the token->slot map for this step. A new architecture is one
+more three-line class here plus its entry in
+:data:`sae_steer_vllm.STEERED_ARCHITECTURES` (whose names these classes carry:
+``register`` points vLLM at ``sae_steer_vllm.steered_model:<name>``).
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 from vllm.model_executor.models.utils import PPMissingLayer
 
+from .batch_tracker import fill_token_slots
 from .slot_tables import position_gate, steering_delta
-from .worker_steering import get_worker_steering
+from .worker_steering import WorkerSteering, get_worker_steering
 
 
 def _steering_hook(
@@ -63,15 +67,19 @@ def _install(model: nn.Module, vllm_config: Any) -> None:
         layer.register_forward_hook(_steering_hook, with_kwargs=True)
 
 
-def _make_steered(base: type[nn.Module], name: str) -> type[nn.Module]:
-    def __init__(self: Any, *, vllm_config: Any, prefix: str = "") -> None:
-        base.__init__(self, vllm_config=vllm_config, prefix=prefix)
+class SteeringMixin(nn.Module):
+    """Adds per-request steering to a vLLM ``*ForCausalLM`` (put it first in the bases)."""
+
+    _sae_steer_v1: WorkerSteering | None
+
+    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
         _install(self, vllm_config)
         ws = get_worker_steering(vllm_config)
         self._sae_steer_v1 = None if ws.use_v2 else ws  # V1 fills the token map here
 
     def forward(
-        self: Any,
+        self,
         input_ids: torch.Tensor | None,
         positions: torch.Tensor,
         intermediate_tensors: Any = None,
@@ -79,31 +87,27 @@ def _make_steered(base: type[nn.Module], name: str) -> type[nn.Module]:
         **kwargs: Any,
     ) -> Any:
         if self._sae_steer_v1 is not None:
-            self._sae_steer_v1.v1_fill(int(positions.shape[-1]))
-        return base.forward(
-            self, input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs
-        )
+            fill_token_slots(self._sae_steer_v1, int(positions.shape[-1]))
+        return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
 
-    def get_model_state_cls(self: nn.Module) -> type:
+    def get_model_state_cls(self) -> type:
+        """Model Runner V2 asks the model for its state class (unused under V1)."""
         from .model_state_v2 import SteeringModelState
 
         return SteeringModelState
 
-    cls = type(
-        name,
-        (base,),
-        {
-            "__init__": __init__,
-            "forward": forward,
-            "get_model_state_cls": get_model_state_cls,
-            "__module__": __name__,
-            "__doc__": f"{base.__name__} with per-request SAE steering after its decoder layers.",
-        },
-    )
-    return cls
+
+class SteeredLlamaForCausalLM(SteeringMixin, LlamaForCausalLM):
+    """LlamaForCausalLM with per-request SAE steering after its decoder layers."""
 
 
-SteeredLlamaForCausalLM = _make_steered(LlamaForCausalLM, "SteeredLlamaForCausalLM")
-SteeredQwen2ForCausalLM = _make_steered(Qwen2ForCausalLM, "SteeredQwen2ForCausalLM")
-SteeredQwen3ForCausalLM = _make_steered(Qwen3ForCausalLM, "SteeredQwen3ForCausalLM")
-SteeredMistralForCausalLM = _make_steered(MistralForCausalLM, "SteeredMistralForCausalLM")
+class SteeredQwen2ForCausalLM(SteeringMixin, Qwen2ForCausalLM):
+    """Qwen2ForCausalLM with per-request SAE steering after its decoder layers."""
+
+
+class SteeredQwen3ForCausalLM(SteeringMixin, Qwen3ForCausalLM):
+    """Qwen3ForCausalLM with per-request SAE steering after its decoder layers."""
+
+
+class SteeredMistralForCausalLM(SteeringMixin, MistralForCausalLM):
+    """MistralForCausalLM with per-request SAE steering after its decoder layers."""

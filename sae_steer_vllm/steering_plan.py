@@ -25,15 +25,35 @@ so they accept ``add`` only.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import IntEnum
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from .constants import STATS_FILE
 from .plugin_config import PluginConfig, PluginConfigError
 from .sae import SAEConfig, SAEFormatError, SAERows, load_max_activation, read_config
-from .spec import FeatureIntervention, SteeringSpec, SteeringSpecError, VectorIntervention
+from .spec import (
+    FeatureIntervention,
+    Positions,
+    SteeringSpec,
+    SteeringSpecError,
+    VectorIntervention,
+)
 
-POSITION_MODES = {"all": 0, "prompt": 1, "generated": 2}
+
+class PositionMode(IntEnum):
+    """Which tokens of a request are steered: the spec's ``positions``, as the int the
+    slot tables store per slot (:func:`~sae_steer_vllm.slot_tables.position_gate`)."""
+
+    ALL = 0
+    PROMPT = 1
+    GENERATED = 2
+
+    @classmethod
+    def of(cls, positions: Positions) -> PositionMode:
+        return cls[positions.upper()]
 
 
 @dataclass(frozen=True)
@@ -87,6 +107,15 @@ class SAECatalog:
             vector_layers=config.vector_layer_set(num_layers),
         )
 
+    @classmethod
+    def from_vllm_config(cls, vllm_config: Any) -> SAECatalog:
+        """What a vLLM process serves: SAEs and limits from ``additional_config``, the model's
+        shape from its HF config. Duck-typed, so this module never imports vLLM."""
+        hf = vllm_config.model_config.hf_config
+        text = hf.get_text_config() if hasattr(hf, "get_text_config") else hf
+        config = PluginConfig.from_additional_config(vllm_config.additional_config)
+        return cls.load(config, int(text.num_hidden_layers), int(text.hidden_size))
+
     @property
     def clamp_layers(self) -> set[int]:
         """Layers that need clamp tables: those of SAEs whose features can be clamped."""
@@ -108,7 +137,7 @@ def _target(iv: FeatureIntervention, info: SAEInfo) -> float:
     assert iv.strength is not None
     if info.max_activation is None:
         raise SteeringSpecError(
-            f"steering: SAE {iv.sae!r} has no feature statistics (feature_stats.safetensors), "
+            f"steering: SAE {iv.sae!r} has no feature statistics ({STATS_FILE}), "
             f"so 'strength' cannot be turned into a value; give 'value' instead "
             f"(or run `sae-steer score` for this SAE)"
         )
@@ -199,7 +228,7 @@ class LayerPlan:
 @dataclass
 class SteeringPlan:
     layers: dict[int, LayerPlan]
-    position_mode: int
+    position_mode: PositionMode
 
 
 def plan_spec(spec: SteeringSpec, cat: SAECatalog) -> SteeringPlan:
@@ -225,4 +254,4 @@ def plan_spec(spec: SteeringSpec, cat: SAECatalog) -> SteeringPlan:
             layers.setdefault(layer, LayerPlan()).clamps.append(
                 ClampRow(enc=enc, bias=bias, threshold=thr, dec=dec, target=target)
             )
-    return SteeringPlan(layers=layers, position_mode=POSITION_MODES[spec.positions])
+    return SteeringPlan(layers=layers, position_mode=PositionMode.of(spec.positions))

@@ -1,34 +1,39 @@
-"""Per-worker bookkeeping: which request holds which slot, and which slot each token uses.
+"""Per-worker steering state shared by both model runners: plans, slots and the token map.
 
 vLLM builds the model, the V1 logits processors and the V2 model state as
 separate objects with no shared handle, so one instance per worker process
 (:data:`_WORKER`) is where they meet. That is the only module-level mutable
 state in the plugin, and vLLM's design forces it.
 
-Model Runner V1 (the CPU build; GPU with ``VLLM_USE_V2_MODEL_RUNNER=0``):
-the :class:`~sae_steer_vllm.batch_tracker.SteeringBatchTracker` logits
-processor receives every ``BatchUpdate`` (added/removed/moved rows) before the
-forward of the same step, and the model's eager outer ``forward`` expands the
-row -> slot map to tokens with ``query_start_loc`` from the attention metadata.
+This module is the runner-independent core: it turns a request's sampling
+params into a cached :class:`SteeringPlan`, writes plans into a slot's tables,
+and writes the token -> slot map the decoder-layer hooks read. How a runner
+tells us which request sits where is glue that lives with that runner:
 
-Model Runner V2 (GPU default): :class:`~sae_steer_vllm.model_state_v2.SteeringModelState`
-gets ``add_request``/``remove_request`` and fills the token map in
-``prepare_inputs``. Written against vLLM 0.32's interface, untested (no GPU).
+* Model Runner V1 (the CPU build; GPU with ``VLLM_USE_V2_MODEL_RUNNER=0``):
+  :class:`~sae_steer_vllm.batch_tracker.V1BatchSlots`, fed by a no-op logits
+  processor's ``BatchUpdate`` and filled from the attention metadata in the
+  model's eager outer ``forward``;
+* Model Runner V2 (GPU default): :class:`~sae_steer_vllm.model_state_v2.V2RequestSlots`,
+  fed by the model state's ``add_request``/``remove_request``/``prepare_inputs``.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from .plugin_config import PluginConfig
 from .slot_tables import LayerTables
-from .spec import SteeringSpec, spec_from_extra_args
+from .spec import spec_from_extra_args
 from .steering_plan import SAECatalog, SteeringPlan, plan_spec
+
+if TYPE_CHECKING:
+    from .batch_tracker import V1BatchSlots
+    from .model_state_v2 import V2RequestSlots
 
 logger = logging.getLogger("sae_steer_vllm")
 
@@ -36,36 +41,34 @@ _PLAN_CACHE_SIZE = 512
 
 
 class WorkerSteering:
-    """Slot allocation, plan caching and token->slot maps for one worker process."""
+    """Slot tables, plan cache and the token -> slot map for one worker process.
+
+    Slot 0 is "unsteered" (all zeros); slots ``1..max_num_seqs`` belong to running
+    requests, assigned by the runner's adapter (``v1`` or ``v2``, attached by the
+    runner's glue when vLLM builds it).
+    """
 
     def __init__(self, vllm_config: Any) -> None:
-        hf = vllm_config.model_config.hf_config
-        text = hf.get_text_config() if hasattr(hf, "get_text_config") else hf
-        self.d_model = int(text.hidden_size)
-        self.num_layers = int(text.num_hidden_layers)
+        self.catalog = SAECatalog.from_vllm_config(vllm_config)
+        self.config = self.catalog.limits
+        self.d_model = self.catalog.d_model
+        self.num_layers = self.catalog.num_layers
         sched = vllm_config.scheduler_config
         self.max_reqs = int(sched.max_num_seqs)
         self.num_slots = self.max_reqs + 1
         # padding (CUDA graphs) can exceed the token budget a little
         self.max_tokens = int(sched.max_num_batched_tokens) + self.max_reqs
-        self.config = PluginConfig.from_additional_config(vllm_config.additional_config)
-        self.catalog = SAECatalog.load(self.config, self.num_layers, self.d_model)
         self.use_v2 = bool(getattr(vllm_config, "use_v2_model_runner", False))
+        self.v1: V1BatchSlots | None = None
+        self.v2: V2RequestSlots | None = None
         self.tables: dict[int, LayerTables] = {}
         self.tok_slot: torch.Tensor | None = None
         self.slot_mode: torch.Tensor | None = None
         self.slot_prompt_len: torch.Tensor | None = None
-        self.tracker_attached = False
         self._plans: OrderedDict[str, SteeringPlan | None] = OrderedDict()
         self._slot_layers: dict[int, set[int]] = {}
-        # V1: persistent-batch row -> slot; V2: req_id -> slot
-        self.row_slot = np.zeros(self.max_reqs, dtype=np.int64)
-        self._free = list(range(self.num_slots - 1, 0, -1))
-        self._req_slot: dict[str, int] = {}
-        self._active = 0
         self._dirty_upto = 0
         self._warned: set[str] = set()
-        self.stats = {"steered_requests": 0, "steered_tokens": 0, "rejected_specs": 0}
         logger.info(
             "sae-steer: %d SAEs %s, steerable layers %s, clamp layers %s, %d slots",
             len(self.catalog.saes),
@@ -94,7 +97,7 @@ class WorkerSteering:
         return self.tok_slot, self.slot_mode, self.slot_prompt_len
 
     # ------------------------------------------------------------------ plans
-    def _plan_for(self, params: Any) -> SteeringPlan | None:
+    def plan_for(self, params: Any) -> SteeringPlan | None:
         """The request's plan, or None if unsteered. Never raises: a worker
         exception would kill the engine for every user; the API server has
         already rejected bad specs with HTTP 400."""
@@ -121,116 +124,34 @@ class WorkerSteering:
         return plan
 
     def _reject(self, msg: str) -> None:
-        self.stats["rejected_specs"] += 1
-        if msg not in self._warned:
-            self._warned.add(msg)
-            logger.error(
-                "sae-steer: request left UNSTEERED, its spec failed in the worker: %s "
-                "(start the API server with --middleware sae_steer_vllm.middleware.SteeringMiddleware "
-                "so such requests get HTTP 400 instead)",
-                msg,
-            )
+        self.warn_once(
+            msg,
+            "sae-steer: request left UNSTEERED, its spec failed in the worker: %s "
+            "(start the API server with --middleware sae_steer_vllm.middleware.SteeringMiddleware "
+            "so such requests get HTTP 400 instead)",
+            msg,
+        )
 
-    def _write_slot(self, slot: int, plan: SteeringPlan, prompt_len: int) -> None:
+    def warn_once(self, key: str, msg: str, *args: Any) -> None:
+        """Log an error the first time ``key`` occurs (a worker logs per step otherwise)."""
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.error(msg, *args)
+
+    def write_slot(self, slot: int, plan: SteeringPlan, prompt_len: int) -> None:
+        """Put a request's plan into ``slot``'s tables (clearing layers it no longer uses)."""
         for layer in self._slot_layers.pop(slot, set()) - set(plan.layers):
             self.tables[layer].write(slot, None)
         for layer, lp in plan.layers.items():
             self.tables[layer].write(slot, lp)
         self._slot_layers[slot] = set(plan.layers)
         _, mode, plen = self.shared_buffers()
-        mode[slot] = plan.position_mode
+        mode[slot] = int(plan.position_mode)
         plen[slot] = prompt_len
-        self.stats["steered_requests"] += 1
 
-    def _alloc(self) -> int:
-        if not self._free:  # cannot happen: slots = max_num_seqs + 1
-            raise RuntimeError("sae-steer: no free steering slot")
-        return self._free.pop()
-
-    def _release(self, slot: int) -> None:
-        if slot:
-            self._free.append(slot)
-
-    # ------------------------------------------------------------------ V1 runner
-    def v1_update(self, batch_update: Any) -> None:
-        """Apply a V1 ``BatchUpdate`` (order: removed, added, moved)."""
-        from vllm.v1.sample.logits_processor import MoveDirectionality
-
-        rs = self.row_slot
-        for row in batch_update.removed:
-            self._release(int(rs[row]))
-            rs[row] = 0
-        for row, params, prompt_ids, _out in batch_update.added:
-            self._release(int(rs[row]))
-            rs[row] = 0
-            plan = self._plan_for(params)
-            if plan is not None:
-                slot = self._alloc()
-                self._write_slot(slot, plan, len(prompt_ids) if prompt_ids is not None else 0)
-                rs[row] = slot
-        for a, b, direction in batch_update.moved:
-            if direction == MoveDirectionality.SWAP:
-                rs[a], rs[b] = rs[b], rs[a]
-            else:
-                if rs[b] and rs[b] != rs[a]:
-                    self._release(int(rs[b]))
-                rs[b] = rs[a]
-                rs[a] = 0
-        self._active = int(np.count_nonzero(rs))
-
-    def v1_fill(self, num_tokens: int) -> None:
-        """Token -> slot map for this step, from the attention metadata's query_start_loc."""
-        if not self.tracker_attached:
-            if "notracker" not in self._warned:
-                self._warned.add("notracker")
-                logger.error(
-                    "sae-steer: the V1 batch tracker is not installed; steering is OFF. "
-                    "Start vLLM with --logits-processors "
-                    "sae_steer_vllm.batch_tracker:SteeringBatchTracker (sae-steer serve does this)"
-                )
-            return
-        if self._active == 0:
-            self._write_tokens(np.zeros(0, dtype=np.int64))
-            return
-        qsl = _query_start_loc()
-        if qsl is None:  # profiling / dummy runs carry no requests
-            self._write_tokens(np.zeros(0, dtype=np.int64))
-            return
-        num_reqs = min(len(qsl) - 1, self.max_reqs)
-        counts = np.diff(qsl[: num_reqs + 1])
-        tok = np.repeat(self.row_slot[:num_reqs], counts)[:num_tokens]
-        self._write_tokens(tok)
-
-    # ------------------------------------------------------------------ V2 runner
-    def v2_add(self, req_index: int, req_id: str, params: Any, prompt_len: int) -> None:
-        self.v2_remove(req_id)
-        plan = self._plan_for(params) if params is not None else None
-        if plan is None:
-            return
-        slot = req_index + 1
-        self._write_slot(slot, plan, prompt_len)
-        self._req_slot[req_id] = slot
-        self.row_slot[req_index] = slot
-        self._active = len(self._req_slot)
-
-    def v2_remove(self, req_id: str) -> None:
-        slot = self._req_slot.pop(req_id, None)
-        if slot is not None:
-            self.row_slot[slot - 1] = 0
-            self._active = len(self._req_slot)
-
-    def v2_fill(self, input_batch: Any) -> None:
-        if self._active == 0:
-            self._write_tokens(np.zeros(0, dtype=np.int64))
-            return
-        n = int(input_batch.num_reqs)
-        idx = input_batch.idx_mapping_np[:n]
-        slots = self.row_slot[idx]
-        qsl = input_batch.query_start_loc_np[: n + 1]
-        self._write_tokens(np.repeat(slots, np.diff(qsl))[: int(input_batch.num_tokens)])
-
-    # ------------------------------------------------------------------ common
-    def _write_tokens(self, tok: np.ndarray) -> None:
+    # ------------------------------------------------------------------ token map
+    def write_tokens(self, tok: np.ndarray) -> None:
+        """This step's slot per token; the rest of the buffer is kept zero (unsteered)."""
         buf, _, _ = self.shared_buffers()
         n = len(tok)
         if n:
@@ -239,26 +160,10 @@ class WorkerSteering:
             buf[n : self._dirty_upto].zero_()
         nz = int(np.count_nonzero(tok)) if n else 0
         self._dirty_upto = n if nz else 0
-        self.stats["steered_tokens"] += nz
 
-
-def _query_start_loc() -> np.ndarray | None:
-    from vllm.forward_context import get_forward_context, is_forward_context_available
-
-    if not is_forward_context_available():
-        return None
-    md: Any = get_forward_context().attn_metadata
-    if isinstance(md, list):
-        md = md[0] if md else None
-    if not md:
-        return None
-    for m in md.values():
-        q = getattr(m, "query_start_loc_cpu", None)
-        if q is None:
-            q = getattr(m, "query_start_loc", None)
-        if q is not None:
-            return np.asarray(q.cpu().numpy() if isinstance(q, torch.Tensor) else q)
-    return None
+    def clear_tokens(self) -> None:
+        """No steered request in this step."""
+        self.write_tokens(np.zeros(0, dtype=np.int64))
 
 
 def _fmt_layers(layers: set[int]) -> str:
@@ -281,7 +186,3 @@ def get_worker_steering(vllm_config: Any) -> WorkerSteering:
 
 def current_worker_steering() -> WorkerSteering | None:
     return _WORKER
-
-
-def spec_of(params: Any) -> SteeringSpec | None:
-    return spec_from_extra_args(getattr(params, "extra_args", None))

@@ -1,4 +1,4 @@
-"""Test helpers for the serving tests: small SAEs and models built locally, and a
+"""Test helpers for the serving tests: a small model built locally, and a
 plain-transformers reference that applies the same interventions to resid_post.
 
 The reference deliberately does NOT reuse the plugin's math: it encodes with
@@ -13,54 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
-from sae_steer_vllm.sae import SAE, STATS_FILE, SAEConfig
+from sae_steer_vllm.sae import SAE, load_max_activation, random_sae
 from sae_steer_vllm.spec import FeatureIntervention, SteeringSpec, VectorIntervention
 
-
-def make_random_sae(
-    folder: Path,
-    *,
-    d_in: int,
-    d_sae: int,
-    layer: int,
-    architecture: str = "standard",
-    seed: int = 0,
-    with_stats: bool = True,
-    enc_scale: float = 1.0,
-    threshold: float | None = None,
-) -> SAE:
-    """A random SAE whose features actually fire on real activations (positive bias).
-
-    ``threshold``: one JumpReLU threshold for every feature (default: random in [0, 0.2)).
-    """
-    g = torch.Generator().manual_seed(seed)
-    W_dec = torch.randn(d_sae, d_in, generator=g)
-    W_dec = W_dec / W_dec.norm(dim=1, keepdim=True)
-    W_enc = W_dec.T.clone() * enc_scale
-    b_enc = torch.rand(d_sae, generator=g) * 0.5
-    b_dec = torch.randn(d_in, generator=g) * 0.01
-    k = 8 if architecture == "topk" else None
-    thr = None
-    if architecture == "jumprelu":
-        thr = torch.rand(d_sae, generator=g) * 0.2
-        if threshold is not None:
-            thr = torch.full((d_sae,), threshold)
-    cfg = SAEConfig(
-        d_in=d_in,
-        d_sae=d_sae,
-        architecture=architecture,  # type: ignore[arg-type]
-        hook_layer=layer,
-        k=k,
-        model_name="test",
-    )
-    sae = SAE(cfg, W_enc, b_enc, W_dec, b_dec, thr)
-    sae.save(folder)
-    if with_stats:
-        max_act = torch.rand(d_sae, generator=g) * 4.0 + 1.0
-        save_file({"max_activation": max_act}, str(folder / STATS_FILE))
-    return sae
+make_random_sae = random_sae
+"""The one random-SAE builder (:func:`sae_steer_vllm.sae.random_sae`), under its old test name."""
 
 
 def make_tiny_qwen2(folder: Path, *, seed: int = 0) -> Path:
@@ -125,8 +83,6 @@ def reference_prompt_logprobs(
     loaded = {n: SAE.load(p) for n, p in saes.items()}
     max_acts = {}
     for n, p in saes.items():
-        from sae_steer_vllm.sae import load_max_activation
-
         m = load_max_activation(p)
         if m is not None:
             max_acts[n] = m

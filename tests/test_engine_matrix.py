@@ -21,7 +21,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from steering_reference import make_random_sae, make_tiny_qwen2
+from steering_reference import make_tiny_qwen2
+
+from sae_steer_vllm.sae import random_sae
 
 pytestmark = pytest.mark.slow
 
@@ -78,13 +80,13 @@ def qwen2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     root = tmp_path_factory.mktemp("qwen2")
     model = make_tiny_qwen2(root / "model")
     sae = root / "sae"
-    make_random_sae(sae, d_in=128, d_sae=256, layer=2)
+    random_sae(sae, d_in=128, d_sae=256, layer=2)
     return root, model, sae
 
 
 def test_llama_eager_chunked_prefill_and_preemption(default_model: Path, tmp_path: Path) -> None:
     sae = tmp_path / "sae"
-    make_random_sae(sae, d_in=576, d_sae=1024, layer=18)
+    random_sae(sae, d_in=576, d_sae=1024, layer=18)
     r = _run(
         tmp_path,
         "llama_eager",

@@ -1,4 +1,4 @@
-"""SAE files (sae_steer_vllm/sae.py): both layouts, both config generations, orientation,
+"""SAE files (sae_steer_vllm/sae/): both layouts, both config generations, orientation,
 and errors that name the file and the problem. No vLLM needed."""
 
 from __future__ import annotations
@@ -9,9 +9,19 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-from steering_reference import make_random_sae
 
-from sae_steer_vllm.sae import SAE, SAEConfig, SAEFormatError, SAERows, read_config
+from sae_steer_vllm.sae import (
+    SAE,
+    STATS_FILE,
+    SAEConfig,
+    SAEFormatError,
+    SAERows,
+    load_max_activation,
+    random_sae,
+    read_config,
+    read_stats,
+    write_stats,
+)
 
 D_IN, D_SAE = 16, 48
 
@@ -166,7 +176,7 @@ def test_bad_files_name_file_and_problem(tmp_path: Path, case: str, needle: str)
 def test_feature_rows_do_not_keep_the_file_mapped(tmp_path: Path) -> None:
     """Each planned feature once kept a whole-file mmap alive (the server's RSS grew
     by GBs under 64 distinct specs); rows must be owned copies."""
-    make_random_sae(tmp_path / "s", d_in=64, d_sae=256, layer=2)
+    random_sae(tmp_path / "s", d_in=64, d_sae=256, layer=2)
     rows = SAERows(tmp_path / "s")
     kept = [rows.feature(i) for i in range(40)]
     mapped = [
@@ -178,3 +188,40 @@ def test_feature_rows_do_not_keep_the_file_mapped(tmp_path: Path) -> None:
         for enc, _, _, dec in kept
         for t in (enc, dec)
     )
+
+
+def test_square_sparsify_sae_loads_like_its_rows(tmp_path: Path) -> None:
+    """Drift bug: with d_in == d_sae the full loader read sparsify's ``encoder.weight``
+    ([d_sae, d_in], nn.Linear) as if it were [d_in, d_sae], while the row reader the
+    server uses read it correctly; both now follow the layout's native orientation."""
+    d = 8
+    g = torch.Generator().manual_seed(0)
+    enc = torch.randn(d, d, generator=g)  # nn.Linear: row i = feature i's encoder
+    tensors = {
+        "encoder.weight": enc,
+        "encoder.bias": torch.randn(d, generator=g),
+        "W_dec": torch.randn(d, d, generator=g),
+        "b_dec": torch.randn(d, generator=g),
+    }
+    folder = _write(tmp_path / "layers.3", {"k": 2, "d_in": d}, tensors, "sae.safetensors")
+    sae = SAE.load(folder)
+    assert torch.equal(sae.W_enc, enc.T)
+    for i in range(d):
+        row_enc, _, _, row_dec = SAERows(folder).feature(i)
+        assert torch.equal(row_enc, sae.W_enc[:, i]) and torch.equal(row_dec, sae.W_dec[i])
+
+
+def test_stats_file_roundtrip_and_max_activation(tmp_path: Path) -> None:
+    folder = tmp_path / "s"
+    random_sae(folder, d_in=8, d_sae=16, layer=1, with_stats=False)
+    assert load_max_activation(folder) is None
+    max_act = torch.arange(16, dtype=torch.float32) + 1
+    path = write_stats(folder, {"max_activation": max_act}, {"groups": ["a", "b"], "alpha": 0.7})
+    assert path == folder / STATS_FILE
+    tensors, meta = read_stats(folder)
+    assert torch.equal(tensors["max_activation"], max_act)
+    assert meta == {"groups": ["a", "b"], "alpha": 0.7}
+    assert torch.equal(load_max_activation(folder), max_act)
+    write_stats(folder, {"max_activation": torch.full((16,), float("nan"))}, {})
+    with pytest.raises(SAEFormatError, match="non-finite"):
+        load_max_activation(folder)

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from steering_reference import make_random_sae
 
 from sae_steer_vllm.plugin_config import PluginConfig, PluginConfigError
-from sae_steer_vllm.sae import SAE
+from sae_steer_vllm.sae import SAE, random_sae
 from sae_steer_vllm.serve import TRACKER, build_vllm_args
 from sae_steer_vllm.spec import SteeringSpec, SteeringSpecError, spec_from_extra_args
 from sae_steer_vllm.steering_plan import SAECatalog, check_spec, plan_spec
@@ -57,11 +56,9 @@ def test_spec_errors_name_the_field(raw: str, needle: str) -> None:
 
 @pytest.fixture()
 def catalog(tmp_path: Path) -> SAECatalog:
-    make_random_sae(tmp_path / "std", d_in=32, d_sae=64, layer=2)
-    make_random_sae(tmp_path / "jr", d_in=32, d_sae=64, layer=3, architecture="jumprelu", seed=1)
-    make_random_sae(
-        tmp_path / "tk", d_in=32, d_sae=64, layer=1, architecture="topk", with_stats=False
-    )
+    random_sae(tmp_path / "std", d_in=32, d_sae=64, layer=2)
+    random_sae(tmp_path / "jr", d_in=32, d_sae=64, layer=3, architecture="jumprelu", seed=1)
+    random_sae(tmp_path / "tk", d_in=32, d_sae=64, layer=1, architecture="topk", with_stats=False)
     cfg = PluginConfig(
         saes={"std": str(tmp_path / "std"), "jr": str(tmp_path / "jr"), "tk": str(tmp_path / "tk")},
         max_interventions=4,
@@ -135,10 +132,10 @@ def test_plan_math_matches_sae(catalog: SAECatalog) -> None:
 def test_plugin_config_errors(tmp_path: Path) -> None:
     with pytest.raises(PluginConfigError, match="out of range"):
         PluginConfig(vector_layers="0,9").vector_layer_set(4)
-    make_random_sae(tmp_path / "big", d_in=64, d_sae=8, layer=1)
+    random_sae(tmp_path / "big", d_in=64, d_sae=8, layer=1)
     with pytest.raises(PluginConfigError, match="d_in=64"):
         SAECatalog.load(PluginConfig(saes={"x": str(tmp_path / "big")}), num_layers=4, d_model=32)
-    make_random_sae(tmp_path / "deep", d_in=32, d_sae=8, layer=9)
+    random_sae(tmp_path / "deep", d_in=32, d_sae=8, layer=9)
     with pytest.raises(PluginConfigError, match="hooks layer 9"):
         SAECatalog.load(PluginConfig(saes={"x": str(tmp_path / "deep")}), num_layers=4, d_model=32)
     with pytest.raises(PluginConfigError, match="not a directory"):
@@ -146,7 +143,7 @@ def test_plugin_config_errors(tmp_path: Path) -> None:
 
 
 def test_serve_builds_vllm_flags(default_model: Path, tmp_path: Path) -> None:
-    make_random_sae(tmp_path / "s", d_in=576, d_sae=64, layer=18)
+    random_sae(tmp_path / "s", d_in=576, d_sae=64, layer=18)
     args = build_vllm_args(
         ["--port", "9", "--additional-config", '{"other": 1}', "--logits-processors", "a:B"],
         {"s": str(tmp_path / "s")},
@@ -163,7 +160,7 @@ def test_serve_builds_vllm_flags(default_model: Path, tmp_path: Path) -> None:
     assert args[lp + 1 : lp + 3] == ["a:B", TRACKER]
     assert "--middleware" in args
     assert args[args.index("--port") + 1] == "9"
-    make_random_sae(tmp_path / "bad", d_in=100, d_sae=8, layer=1)
+    random_sae(tmp_path / "bad", d_in=100, d_sae=8, layer=1)
     from sae_steer_vllm.serve import ServeError
 
     with pytest.raises(ServeError, match="d_in=100"):
