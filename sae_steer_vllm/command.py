@@ -26,7 +26,7 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from .errors import EXIT_INTERRUPTED, EXIT_USAGE, SaeSteerError
+from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, SaeSteerError
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -174,3 +174,25 @@ def run_command(prog: str, body: Callable[[], int]) -> int:
     except SaeSteerError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # a path the user gave cannot be read or written
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def run_model_command(
+    prog: str,
+    model: type[M],
+    run: Callable[[M], int],
+    argv: list[str],
+    **parser_kw: Any,
+) -> int:
+    """The whole ``main`` of a subcommand whose options are exactly ``model``'s fields.
+
+    Parses ``argv`` (``--help`` shows the model's docstring and field docstrings), builds
+    the model (a bad value is a usage error) and runs ``run(config)`` under
+    :func:`run_command`.
+    """
+    parser = argparse.ArgumentParser(prog=prog, description=model.__doc__, **parser_kw)
+    add_model_options(parser, model)
+    args = parser.parse_args(argv)
+    return run_command(prog, lambda: run(model_from_args(model, args)))

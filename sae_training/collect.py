@@ -1,9 +1,9 @@
 """``sae-steer collect``: cache resid_post activations of one or more layers to disk.
 
-The cache (safetensors shards + meta.json) is what ``sae-steer train
---activations`` and the speed benchmark read, so several SAEs (architectures,
-widths, seeds) can be trained on identical data without running the model
-again.
+The cache (safetensors shards + meta.json, :mod:`sae_training.activation_cache`) is what
+``sae-steer train --activations`` and the speed benchmark read, so several SAEs
+(architectures, widths, seeds) can be trained on identical data without running the
+model again.
 """
 
 from __future__ import annotations
@@ -13,114 +13,88 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+from sae_steer_vllm.command import CommandConfig, add_model_options, model_from_args, run_command
+from sae_training.activation_cache import DEFAULT_SHARD_TOKENS
+from sae_training.collection import CacheDtype, CollectConfig, collect_to_disk
+from sae_training.corpus import Split, TextMix
+from sae_training.lm import ResidReader, load_model, model_or_default
 
-from sae_training.activations import (
-    ActivationError,
-    CollectConfig,
-    DiskCache,
-    ResidCapture,
-    TextMix,
-    collect_to_disk,
-    load_model,
-)
-from sae_training.corpus import CorpusError
+PROG = "sae-steer collect"
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="sae-steer collect",
-        description=(
-            "Run an HF causal LM over a mix of chat conversations and reasoning traces (rendered "
-            "through the model's chat template, packed into rows of --context-size tokens) and "
-            "store resid_post (the output of decoder layer L) of every non-special token as "
-            "safetensors shards. Memory stays at about one shard."
-        ),
-        epilog="example: sae-steer collect --model ~/.cache/sae-steer/models/SmolLM2-135M-Instruct --layers 18 --tokens 200000 --out runs/acts",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+class CollectCommand(CommandConfig):
+    """Run an HF causal LM over a mix of chat conversations and reasoning traces (rendered
+    through the model's chat template, packed into rows of --context-size tokens) and store
+    resid_post (the output of decoder layer L) of every non-special token as safetensors
+    shards. Memory stays at about one shard.
+    """
+
+    model: str | None = None
+    """HF model folder (default: the prepared default model)"""
+    layers: list[int]
+    """decoder layer indices (0-based)"""
+    tokens: int
+    """number of (non-special) token activations to store"""
+    out: Path
+    """cache folder to write"""
+    context_size: int = CollectConfig.context_size
+    """tokens per packed row"""
+    batch_rows: int = CollectConfig.batch_rows
+    """rows per forward pass"""
+    trace_ratio: float = TextMix.trace_ratio
+    """fraction of documents from reasoning traces"""
+    chat: str = TextMix.chat
+    """chat JSONL (name in the shared data dir, or a path)"""
+    traces: str = TextMix.traces
+    """reasoning-trace JSONL"""
+    split: Split = CollectConfig.split
+    """document split: train or eval (every 50th document is eval)"""
+    shard_tokens: int = DEFAULT_SHARD_TOKENS
+    """tokens per shard file"""
+    dtype: CacheDtype = CollectConfig.dtype
+    """storage dtype"""
+    seed: int = TextMix.seed
+    """seed of the document mix"""
+    progress: bool = True
+    """show a progress bar"""
+
+
+def _run(cmd: CollectCommand) -> int:
+    model_path = model_or_default(cmd.model)
+    cfg = CollectConfig(
+        model=str(model_path),
+        layers=tuple(cmd.layers),
+        tokens=cmd.tokens,
+        context_size=cmd.context_size,
+        batch_rows=cmd.batch_rows,
+        split=cmd.split,
+        dtype=cmd.dtype,
+        mix=TextMix(chat=cmd.chat, traces=cmd.traces, trace_ratio=cmd.trace_ratio, seed=cmd.seed),
     )
-    p.add_argument("--model", help="HF model folder (default: the prepared default model)")
-    p.add_argument(
-        "--layers", type=int, nargs="+", required=True, help="decoder layer indices (0-based)"
+    model, tok = load_model(model_path)
+    ResidReader(model, cfg.layers)  # layer range check before touching the data
+    t0 = time.perf_counter()
+    folder = collect_to_disk(
+        cfg, tok, model, cmd.out, shard_tokens=cmd.shard_tokens, progress=cmd.progress
     )
-    p.add_argument(
-        "--tokens",
-        type=int,
-        required=True,
-        help="number of (non-special) token activations to store",
+    secs = time.perf_counter() - t0
+    print(
+        f"{cfg.tokens} tokens x layers {list(cfg.layers)} in {secs:.0f}s "
+        f"({cfg.tokens / secs:.0f} tok/s) -> {folder}"
     )
-    p.add_argument("--out", type=Path, required=True, help="cache folder to write")
-    p.add_argument(
-        "--context-size", type=int, default=256, help="tokens per packed row (default 256)"
-    )
-    p.add_argument("--batch-rows", type=int, default=8, help="rows per forward pass (default 8)")
-    p.add_argument(
-        "--trace-ratio", type=float, default=0.5, help="fraction of documents from reasoning traces"
-    )
-    p.add_argument(
-        "--chat", default="chat.jsonl", help="chat JSONL (name in the shared data dir, or a path)"
-    )
-    p.add_argument("--traces", default="reasoning_traces.jsonl", help="reasoning-trace JSONL")
-    p.add_argument(
-        "--split",
-        choices=["train", "eval"],
-        default="train",
-        help="document split (every 50th document is eval)",
-    )
-    p.add_argument("--shard-tokens", type=int, default=65536, help="tokens per shard file")
-    p.add_argument(
-        "--dtype",
-        choices=["float32", "bfloat16", "float16"],
-        default="float32",
-        help="storage dtype",
-    )
-    p.add_argument("--seed", type=int, default=0, help="seed of the document mix")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p
+    return 0
 
 
 def main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        model_path = args.model
-        if model_path is None:
-            from sae_steer_vllm.default_model import prepare_default_model
-
-            model_path = str(prepare_default_model())
-        if args.shard_tokens <= 0:
-            raise ActivationError("--shard-tokens must be positive")
-        cfg = CollectConfig(
-            model=str(model_path),
-            layers=tuple(args.layers),
-            tokens=args.tokens,
-            context_size=args.context_size,
-            batch_rows=args.batch_rows,
-            split=args.split,
-            mix=TextMix(
-                chat=args.chat, traces=args.traces, trace_ratio=args.trace_ratio, seed=args.seed
-            ),
-        )
-        tok, model = load_model(model_path)
-        ResidCapture(model, cfg.layers)  # layer range check before touching the data
-        t0 = time.perf_counter()
-        folder = collect_to_disk(
-            cfg,
-            tok,
-            model,
-            args.out,
-            shard_tokens=args.shard_tokens,
-            dtype=getattr(torch, args.dtype),
-            progress=not args.no_progress,
-        )
-    except (ActivationError, CorpusError, OSError) as e:
-        print(f"sae-steer collect: {e}", file=sys.stderr)
-        return 1
-    secs = time.perf_counter() - t0
-    meta = DiskCache(folder).meta
-    print(
-        f"{meta.tokens} tokens x layers {meta.layers} in {secs:.0f}s ({meta.tokens / secs:.0f} tok/s) -> {folder}"
+    """``sae-steer collect [options]``: options are the fields of :class:`CollectCommand`."""
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description=CollectCommand.__doc__,
+        epilog="example: sae-steer collect --model ~/.cache/sae-steer/models/SmolLM2-135M-Instruct --layers 18 --tokens 200000 --out runs/acts",
     )
-    return 0
+    add_model_options(p, CollectCommand)
+    args = p.parse_args(argv)
+    return run_command(PROG, lambda: _run(model_from_args(CollectCommand, args)))
 
 
 if __name__ == "__main__":

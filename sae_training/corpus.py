@@ -3,6 +3,8 @@
 One place defines how a reasoning trace becomes model input (problem as the
 user turn; ``<think>reasoning</think>`` then the answer as the assistant turn),
 so activations for training and for ReasonScore are taken on identical text.
+:class:`TextMix` picks the documents SAE training reads (chat + traces, with a
+held-out split).
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
+from sae_steer_vllm.constants import CHAT_CORPUS, TRACE_CORPUS
+from sae_training.errors import CorpusError
 
-class CorpusError(ValueError):
-    """Bad input data; the message names the file and line."""
+Split = Literal["train", "eval"]
+"""A :class:`TextMix`'s document split: held-out documents are ``eval``."""
 
 
 def shared_data_dir() -> Path:
@@ -175,3 +179,48 @@ def mixed_texts(
             yield next(iters[idx][0])
         except StopIteration:
             iters.pop(idx)
+
+
+@dataclass(frozen=True)
+class TextMix:
+    """Which corpora SAE training reads and in which document ratio.
+
+    ``trace_ratio`` is the fraction of documents drawn from the reasoning
+    traces (the rest from chat). Every ``holdout_every``-th document of the
+    mixed stream is reserved for evaluation and never trained on.
+    """
+
+    chat: str = CHAT_CORPUS
+    traces: str = TRACE_CORPUS
+    trace_ratio: float = 0.5
+    seed: int = 0
+    holdout_every: int = 50
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.trace_ratio <= 1.0:
+            raise CorpusError(f"trace_ratio must be in [0, 1], got {self.trace_ratio}")
+        if self.holdout_every < 2:
+            raise CorpusError("holdout_every must be >= 2")
+
+    def sources(self) -> list[tuple[str | Path, str, float]]:
+        out: list[tuple[str | Path, str, float]] = []
+        if self.trace_ratio < 1.0:
+            out.append((data_file(self.chat), "chat", 1.0 - self.trace_ratio))
+        if self.trace_ratio > 0.0:
+            out.append((data_file(self.traces), "trace", self.trace_ratio))
+        return out
+
+    def texts(
+        self, tokenizer: Any, split: str, skipped: list[BadLine] | None = None
+    ) -> Iterator[str]:
+        """Documents of ``split`` ("train" or "eval") in a fixed order."""
+        if split not in ("train", "eval"):
+            raise CorpusError(f"unknown split {split!r}")
+        for src, _, _ in self.sources():
+            if not Path(src).is_file():
+                raise CorpusError(f"{src}: no such file (set SAE_STEER_DATA or pass a path)")
+        for i, text in enumerate(
+            mixed_texts(tokenizer, self.sources(), seed=self.seed, skipped=skipped)
+        ):
+            if (i % self.holdout_every == 0) == (split == "eval"):
+                yield text

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from sae_steer_vllm.sae import SAE
-from sae_training.activations import decoder_layers
+from sae_training.lm import decoder_layers, model_device
 
 
 @torch.no_grad()
@@ -92,7 +92,7 @@ def lm_metrics(
     sums = {"clean": 0.0, "sae": 0.0, "zero": 0.0, "kl": 0.0}
     count = 0
     for i in range(0, rows.shape[0], batch_rows):
-        dev = next(model.parameters()).device
+        dev = model_device(model)
         ids = rows[i : i + batch_rows].to(dev)
         mask = keep[i : i + batch_rows].unsqueeze(-1).to(dev)
         targets = ids[:, 1:].reshape(-1)

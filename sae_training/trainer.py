@@ -29,51 +29,65 @@ import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm import tqdm
 
+from sae_steer_vllm.constants import CHECKPOINT_FILE
+from sae_steer_vllm.files import atomic_save
 from sae_steer_vllm.sae import SAE
-from sae_training.activations import ActivationSource, estimate_norm_scale
+from sae_training.activation_sources import ActivationSource, estimate_norm_scale
 from sae_training.architectures import ARCHITECTURES, TrainableSAE, build
-
-CHECKPOINT_FILE = "checkpoint.pt"
-METRICS_FILE = "metrics.json"
-
-
-class TrainingError(RuntimeError):
-    """A run that cannot start or continue; the message says why and what to do."""
-
-
-class TrainingDiverged(TrainingError):
-    """The loss became NaN/inf; the last good checkpoint is kept untouched."""
+from sae_training.errors import TrainingDiverged, TrainingError
 
 
 class TrainConfig(BaseModel):
     """Everything that determines the trained weights (and nothing that does not).
+
+    The field defaults are the paper's hyperparameters (a standard ReLU SAE, Adam 5e-5,
+    batch 4096); the default model's recipe (:mod:`sae_training.recipe`) overrides some
+    of them. Each field's docstring is its ``sae-steer train --help`` text.
 
     ``--resume`` compares these fields with the checkpoint's and refuses to
     continue if any differs, because mixing two configurations silently gives
     an SAE that neither config describes.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
-    architecture: Literal["standard", "topk", "batchtopk"] = "standard"
+    architecture: Literal["standard", "topk", "batchtopk"] = Field(
+        "standard", json_schema_extra={"cli": {"aliases": ["--arch"]}}
+    )
+    """SAE architecture (batchtopk saves as jumprelu)"""
     d_sae: int = Field(9216, gt=0)
+    """number of features (CLI without --recipe: 16 x d_in)"""
     l1_coeff: float = Field(5.0, ge=0)
+    """L1 coefficient for standard"""
     l1_warmup: float = Field(0.05, ge=0, le=1)
+    """fraction of training over which L1 ramps up"""
     k: int = Field(64, gt=0)
+    """active features per token for topk/batchtopk"""
     lr: float = Field(5e-5, gt=0)
+    """Adam learning rate"""
     lr_warmup: float = Field(0.0, ge=0, le=1)
+    """fraction of training with linear lr warm-up"""
     lr_decay: float = Field(0.2, ge=0, le=1)
+    """fraction of training with linear lr decay to 0"""
     beta1: float = Field(0.9, ge=0, lt=1)
+    """Adam beta1"""
     beta2: float = Field(0.999, ge=0, lt=1)
+    """Adam beta2"""
     grad_clip: float | None = Field(None, ge=0)
-    """Clip the global gradient norm to this; 0 turns clipping off; None (default) means
-    1.0 for ``standard`` and off for the k-sparse architectures (see ``clip_norm``)."""
+    """clip the gradient norm (default: 1.0 for standard, as SAELens; off for topk and
+    batchtopk; 0 = off)"""
     batch_size: int = Field(4096, gt=0)
+    """tokens per optimizer step over all processes"""
     train_tokens: int = Field(..., gt=0)
+    """total training tokens (epochs over the data if larger)"""
     init_dec_norm: float = Field(0.1, gt=0)
+    """initial decoder-row norm (standard)"""
     norm_tokens: int = Field(32768, gt=0)
+    """tokens used to estimate the input normalisation (and calibrate batchtopk)"""
     dead_window: int = Field(1_000_000, gt=0)
+    """a feature that has not fired for this many tokens counts as dead"""
     seed: int = 0
+    """seed for init and batch order"""
 
     @property
     def clip_norm(self) -> float | None:
@@ -160,9 +174,7 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     for k, v in state["sae"].items():
         if torch.is_floating_point(v) and not torch.isfinite(v).all():
             raise TrainingDiverged(f"refusing to checkpoint non-finite tensor {k!r}")
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    atomic_save(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -237,7 +249,6 @@ class Trainer:
                 f"batch_size {cfg.batch_size} is not divisible by {self.world} processes"
             )
         self.device = training_device()
-        torch.manual_seed(cfg.seed)
         self.sae = build_sae(cfg, source.d_in).to(self.device)
         # fused Adam: one kernel per step instead of ~10 elementwise passes over the weights
         self.opt = torch.optim.Adam(
@@ -261,7 +272,6 @@ class Trainer:
             "optimizer": self.opt.state_dict(),
             "tokens_since_fired": self.tokens_since_fired.clone(),
             "history": json.dumps(self.history),
-            "torch_rng": torch.get_rng_state(),
         }
 
     def resume(self) -> bool:
@@ -282,7 +292,6 @@ class Trainer:
         self.scale = float(state["scale"])
         self.tokens_since_fired = state["tokens_since_fired"].clone()
         self.history = json.loads(state["history"])
-        torch.set_rng_state(state["torch_rng"])
         self.last_good_step = self.step
         return True
 

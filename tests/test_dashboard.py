@@ -18,10 +18,10 @@ import torch
 from reasonscore_fixtures import make_sae, make_tiny_model, trace_records, write_jsonl
 
 from sae_steer_vllm.sae import SAEFormatError
-from sae_training.dashboard import _fmt, build_dashboard, load_unembedding, logit_lens
-from sae_training.feature_stats import FeatureStats
-from sae_training.score import ranked_rows, write_ranked_table
-from sae_training.token_dependence import TokenDependence
+from sae_training import FeatureStats, build_dashboard, ranked_rows, write_ranked_table
+from sae_training.features.dashboard_html import _fmt
+from sae_training.features.logit_lens import load_unembedding, logit_lens
+from sae_training.features.token_dependence import TokenDependence
 
 TOP_K = 4
 
@@ -38,7 +38,7 @@ def _chromium() -> str | None:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, FeatureStats]:
-    from sae_training.score import compute_feature_stats
+    from sae_training import compute_feature_stats
 
     root = tmp_path_factory.mktemp("dash")
     model_dir = make_tiny_model(root / "model")
@@ -135,23 +135,21 @@ def test_renders_in_headless_chromium(
         f"--user-data-dir={tmp_path / 'profile'}",
     ]
     page = index.parent / f"feature_{f0}.html"
-    dom = subprocess.run(
-        [chromium, *flags, "--dump-dom", page.as_uri()],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    ).stdout
+
+    def dump_dom(html_file: Path) -> str:
+        return subprocess.run(
+            [chromium, *flags, "--dump-dom", html_file.as_uri()],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        ).stdout
+
+    dom = dump_dom(page)
     assert f'data-feature="{f0}"' in dom
     assert dom.count('class="context"') == int((stats["top_values"][f0] > 0).sum())
     assert 'class="histogram"' in dom and dom.count('class="logit-lens"') == 2
-    index_dom = subprocess.run(
-        [chromium, *flags, "--dump-dom", index.as_uri()],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    ).stdout
+    index_dom = dump_dom(index)
     assert index_dom.count('class="feature-row"') == TOP_K
 
     shot = tmp_path / "feature.png"

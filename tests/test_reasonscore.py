@@ -28,23 +28,13 @@ from reasonscore_fixtures import (
 )
 
 from sae_steer_vllm.sae import SAE, load_max_activation
-from sae_training.feature_stats import (
-    FeatureStats,
-    FeatureStatsAccumulator,
-    StatsConfig,
-    run_feature_stats,
-)
-from sae_training.masks import (
-    build_patterns,
-    group_hits,
-    ignore_mask,
-    sequence_masks,
-    special_token_ids,
-    widen,
-)
-from sae_training.reasoning_vocab import load_vocabulary
-from sae_training.reasonscore import reason_score
-from sae_training.token_stream import CorpusSpec, iter_windows
+from sae_training.features.feature_stats import FeatureStats
+from sae_training.features.masks import build_patterns, group_hits, sequence_masks, widen
+from sae_training.features.reasonscore import reason_score
+from sae_training.features.stats_accumulator import FeatureStatsAccumulator, StatsConfig
+from sae_training.features.stats_pass import run_feature_stats
+from sae_training.features.vocabulary import load_vocabulary
+from sae_training.tokens import CorpusSpec, ignore_mask, iter_windows, special_token_ids
 
 FEATURE_CHUNK = 48  # the authors' batch of features per model run
 
@@ -307,7 +297,7 @@ def test_edge_text_masks_positions(tiny: tuple[Any, Any, Path]) -> None:
 def test_masks_equal_literal_loops_on_random_sequences() -> None:
     """Many random sequences over a tiny alphabet (lots of overlapping matches), several
     windows: the vectorised masks equal the position-by-position reference."""
-    from sae_training.masks import VocabPatterns
+    from sae_training.features.masks import VocabPatterns
 
     g = torch.Generator().manual_seed(1)
     vp = VocabPatterns(

@@ -12,12 +12,12 @@ import torch
 from reasonscore_fixtures import TINY_LAYER, make_sae, make_tiny_model, write_jsonl
 
 from sae_steer_vllm.cli import main as cli_main
+from sae_steer_vllm.constants import TABLE_CSV, TABLE_JSON
 from sae_steer_vllm.sae import SAE, SAEConfig, load_max_activation
-from sae_training.feature_stats import FeatureStats
-from sae_training.masks import build_patterns
-from sae_training.reasoning_vocab import load_vocabulary
-from sae_training.score import TABLE_CSV, TABLE_JSON
-from sae_training.token_dependence import inject, injection_phrases
+from sae_training.features.feature_stats import FeatureStats
+from sae_training.features.masks import build_patterns
+from sae_training.features.token_dependence import inject, injection_phrases
+from sae_training.features.vocabulary import load_vocabulary
 
 
 def _long_traces(n: int) -> list[dict[str, Any]]:
@@ -60,13 +60,13 @@ def _detector_sae(model_dir: Path) -> SAE:
     # fire only where the residual leans strongly towards the embedding direction
     with torch.no_grad():
         texts = ["Wait, the value is 3 and it is fine.", "So the total is 9 apples today."]
-        from sae_training.resid_capture import ResidPostReader
+        from sae_training.lm import ResidReader
 
-        reader = ResidPostReader(model, TINY_LAYER)
+        reader = ResidReader(model, TINY_LAYER)
         proj = []
         for t in texts:
             x = torch.tensor([tok(t, add_special_tokens=False)["input_ids"]])
-            proj.append((reader(x)[0] - base.b_dec) @ W_enc[:, 0])
+            proj.append((reader.read_one(x)[0] - base.b_dec) @ W_enc[:, 0])
         p = torch.cat(proj)
     wait_proj = float(p[0])
     others = float(p[1:].max()) if len(p) > 1 else 0.0
@@ -133,10 +133,13 @@ def test_token_detector_is_flagged(model_dir: Path, tmp_path: Path) -> None:
     word is injected into GSM8K-style answers, so its injection ratio is near 1."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sae_training.feature_stats import run_feature_stats
-    from sae_training.resid_capture import ResidPostReader
-    from sae_training.token_dependence import measure_token_dependence, reasoning_reference
-    from sae_training.token_stream import CorpusSpec
+    from sae_training.features.stats_pass import run_feature_stats
+    from sae_training.features.token_dependence import (
+        measure_token_dependence,
+        reasoning_reference,
+    )
+    from sae_training.lm import ResidReader
+    from sae_training.tokens import CorpusSpec
 
     sae = _detector_sae(model_dir)
     tok = AutoTokenizer.from_pretrained(str(model_dir))
@@ -157,7 +160,7 @@ def test_token_detector_is_flagged(model_dir: Path, tmp_path: Path) -> None:
         ],
     )
     dep = measure_token_dependence(
-        ResidPostReader(model, TINY_LAYER),
+        ResidReader(model, TINY_LAYER),
         sae,
         tok,
         build_patterns(tok, vocab),

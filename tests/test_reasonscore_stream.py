@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from reasonscore_fixtures import write_jsonl
 
-from sae_training.token_stream import CorpusSpec, StreamReport, iter_batches, iter_windows
+from sae_training.tokens import CorpusSpec, StreamReport, iter_batches, iter_windows
 
 
 class WordTokenizer:

@@ -9,7 +9,7 @@ import torch
 from training_fixtures import one_thread, synthetic_acts
 
 from sae_steer_vllm.sae import SAE
-from sae_training.activations import MemoryActivations
+from sae_training import MemoryActivations
 from sae_training.architectures import ARCHITECTURES, build
 from sae_training.trainer import RunOptions, TrainConfig, Trainer, export_sae
 

@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from training_fixtures import synthetic_acts
+from training_fixtures import synthetic_acts, write_cache
 
 from sae_steer_vllm.sae import SAE
-from sae_training.activations import write_cache
 
 COMMON = [
     "--d-sae",
@@ -34,12 +33,10 @@ ARCH_ARGS = {
 
 def _run(nproc: int, cache: Path, out: Path, args: list[str]) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
     cmd = [
         sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
+        *(launch if nproc > 1 else []),
         "-m",
         "sae_training.train",
         "--activations",
@@ -48,17 +45,6 @@ def _run(nproc: int, cache: Path, out: Path, args: list[str]) -> subprocess.Comp
         str(out),
         *args,
     ]
-    if nproc == 1:
-        cmd = [
-            sys.executable,
-            "-m",
-            "sae_training.train",
-            "--activations",
-            str(cache),
-            "--out",
-            str(out),
-            *args,
-        ]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 

@@ -9,8 +9,7 @@ import pytest
 import torch
 from training_fixtures import one_thread, synthetic_acts
 
-from sae_training.activations import MemoryActivations
-from sae_training.train import TrainJob, run_training
+from sae_training import MemoryActivations, TrainJob, run_training
 from sae_training.trainer import (
     CHECKPOINT_FILE,
     RunOptions,
@@ -125,3 +124,24 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path) -> None:
     assert state["step"] == 20
     assert all(torch.isfinite(v).all() for v in state["sae"].values() if v.is_floating_point())
     assert not (tmp_path / (CHECKPOINT_FILE + ".tmp")).exists()
+
+
+def test_training_leaves_process_state_alone(tmp_path: Path) -> None:
+    """No global RNG seeding or restoring, no process-wide warning filters (the sparse
+    kernels silence torch's sparse-format notices only around their own calls)."""
+    import importlib
+    import warnings
+
+    from sae_training.architectures import sparse_ops
+
+    filters = list(warnings.filters)
+    importlib.reload(sparse_ops)
+    assert warnings.filters == filters
+    torch.manual_seed(1234)
+    rng = torch.get_rng_state()
+    src = MemoryActivations(synthetic_acts(n=1024, d=16))
+    cfg = CFG.model_copy(update={"architecture": "batchtopk", "train_tokens": 4 * 128})
+    with one_thread():
+        Trainer(cfg, src, tmp_path, RunOptions(progress=False)).train()
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert warnings.filters == filters

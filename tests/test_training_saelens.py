@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from training_fixtures import one_thread, synthetic_acts
 
 from sae_steer_vllm.sae import SAE
-from sae_training.activations import MemoryActivations
+from sae_training import MemoryActivations
 from sae_training.trainer import RunOptions, TrainConfig, Trainer, export_sae
 
 ROOT = Path(__file__).resolve().parent.parent

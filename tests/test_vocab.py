@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 from reasonscore_fixtures import write_jsonl
 
-from sae_training.masks import build_patterns, group_key
-from sae_training.reasoning_vocab import load_vocabulary
-from sae_training.vocab import Source, derive_vocabulary, main, to_vocab_json
+from sae_training.features.masks import build_patterns, group_key
+from sae_training.features.vocab_cli import main
+from sae_training.features.vocab_derivation import Source, derive_vocabulary, to_vocab_json
+from sae_training.features.vocabulary import load_vocabulary
 
 
 def test_paper_vocabulary_is_ten_groups_of_34_strings() -> None:

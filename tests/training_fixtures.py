@@ -14,6 +14,7 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -101,3 +102,20 @@ def write_corpus(
             if bad_lines and i % 10 == 3:
                 f.write(json.dumps({"problem": "no reasoning field"}) + "\n")
     return chat, traces
+
+
+def write_cache(
+    folder: Path,
+    layer_acts: dict[int, torch.Tensor],
+    *,
+    model: str,
+    shard_tokens: int = 65536,
+    mix: dict[str, Any] | None = None,
+) -> Path:
+    """Activations already in memory as an activation cache, through the real writer."""
+    from sae_training.activation_cache import CacheWriter
+
+    writer = CacheWriter(folder, sorted(layer_acts), shard_tokens=shard_tokens)
+    writer.add(layer_acts)
+    writer.close(model=model, context_size=0, mix=mix or {})
+    return folder

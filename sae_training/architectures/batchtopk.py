@@ -21,51 +21,37 @@ from typing import Any, ClassVar
 import torch
 
 from sae_steer_vllm.sae import Architecture
-from sae_training.architectures.base import (
-    ForwardOutput,
-    TrainableSAE,
-    mse_per_token,
-    sparse_decode,
-)
 from sae_training.architectures.sparse_ops import batchtopk_encode
+from sae_training.architectures.topk import TopKSAE
 
 
-class BatchTopKSAE(TrainableSAE):
+class BatchTopKSAE(TopKSAE):
+    """TopK with the batch's rule: the encoder and training step are TopK's but for
+    :meth:`sparse_encode`; a running threshold is kept for inference."""
+
     name: ClassVar[str] = "batchtopk"
     saved_as: ClassVar[Architecture] = "jumprelu"
-    hparams: ClassVar[tuple[str, ...]] = ("k",)
-    unit_norm_decoder: ClassVar[bool] = True
 
     def __init__(
         self, d_in: int, d_sae: int, *, k: int = 64, threshold_momentum: float = 0.99, **kw: Any
     ) -> None:
-        super().__init__(d_in, d_sae, **kw)
-        if not 0 < k <= d_sae:
-            raise ValueError(f"k must be in [1, d_sae={d_sae}], got {k}")
-        self.k = k
+        super().__init__(d_in, d_sae, k=k, **kw)
         self.momentum = threshold_momentum
         self.threshold: torch.Tensor
         self.register_buffer("threshold", torch.tensor(-1.0))
 
-    def training_forward(self, x: torch.Tensor, progress: float) -> ForwardOutput:
-        vals, idx = batchtopk_encode(x, self.b_dec, self.W_enc, self.b_enc, self.k)
-        recon = sparse_decode(idx, vals, self.W_dec, self.b_dec)
-        mse = mse_per_token(recon, x)
+    def sparse_encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return batchtopk_encode(x, self.b_dec, self.W_enc, self.b_enc, self.k)
+
+    def extra_terms(self, vals: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Move the running threshold towards the smallest activation the batch kept."""
         alive = vals > 0
         with torch.no_grad():
             if alive.any():
                 smallest = vals[alive].min()
                 t = self.threshold
                 t.copy_(smallest if t < 0 else self.momentum * t + (1 - self.momentum) * smallest)
-        fired = torch.zeros(self.d_sae, dtype=torch.bool, device=x.device)
-        fired[idx[alive]] = True
-        return ForwardOutput(
-            recon=recon,
-            loss=mse,
-            l0=alive.sum(-1).float().mean(),
-            fired=fired,
-            terms={"mse": mse.detach(), "threshold": self.threshold.detach().clone()},
-        )
+        return {"threshold": self.threshold.detach().clone()}
 
     @torch.no_grad()
     def finalize(self, sample: torch.Tensor, chunk: int = 2048) -> dict[str, float]:

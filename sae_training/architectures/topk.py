@@ -34,8 +34,16 @@ class TopKSAE(TrainableSAE):
             raise ValueError(f"k must be in [1, d_sae={d_sae}], got {k}")
         self.k = k
 
+    def sparse_encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(vals, idx)`` of the active features per token (the k largest)."""
+        return topk_encode(x, self.b_dec, self.W_enc, self.b_enc, self.k)
+
+    def extra_terms(self, vals: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Architecture state updated from a batch's selected values, logged with the loss."""
+        return {}
+
     def training_forward(self, x: torch.Tensor, progress: float) -> ForwardOutput:
-        vals, idx = topk_encode(x, self.b_dec, self.W_enc, self.b_enc, self.k)
+        vals, idx = self.sparse_encode(x)
         recon = sparse_decode(idx, vals, self.W_dec, self.b_dec)
         mse = mse_per_token(recon, x)
         alive = vals > 0
@@ -46,7 +54,7 @@ class TopKSAE(TrainableSAE):
             loss=mse,
             l0=alive.sum(-1).float().mean(),
             fired=fired,
-            terms={"mse": mse.detach()},
+            terms={"mse": mse.detach(), **self.extra_terms(vals)},
         )
 
     def inference_kwargs(self) -> dict[str, Any]:

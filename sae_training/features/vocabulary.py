@@ -1,4 +1,4 @@
-"""The reasoning vocabulary, stored as data (``data/reasoning_vocab.json``).
+"""The reasoning vocabulary, stored as package data (``sae_training/data/reasoning_vocab.json``).
 
 Groups are keyed by ``surface.lstrip().lower()``, as the paper does; every
 group lists its surface strings. ReasonScore, the eval harness's
@@ -10,11 +10,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-DEFAULT_VOCAB_PATH = Path(__file__).parent / "data" / "reasoning_vocab.json"
+from sae_steer_vllm.constants import VOCAB_FILE
+from sae_training.errors import VocabularyError
 
-
-class VocabularyError(ValueError):
-    pass
+DEFAULT_VOCAB_PATH = Path(__file__).resolve().parent.parent / "data" / VOCAB_FILE
 
 
 def load_vocabulary(path: str | Path | None = None) -> dict[str, list[str]]:

@@ -1,4 +1,4 @@
-"""Per-feature statistics of an SAE over a corpus, in one streaming pass, and their file.
+"""Per-feature statistics of an SAE, folded chunk by chunk into bounded accumulators.
 
 Why one pass: the authors' code re-runs the model once per batch of 48 features; every
 statistic ReasonScore needs is a token-weighted sum, so all features can be accumulated
@@ -24,30 +24,15 @@ What is accumulated (ignored = special-token positions, excluded everywhere):
 
 from __future__ import annotations
 
-import json
 import math
-import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
-from sae_steer_vllm.sae import SAE, STATS_FILE, SAEFormatError
-from sae_training.masks import (
-    DEFAULT_WINDOW,
-    VocabPatterns,
-    build_patterns,
-    ignore_mask,
-    sequence_masks,
-    special_token_ids,
-)
-from sae_training.reasonscore import DEFAULT_ALPHA, DEFAULT_EPS, reason_score
-from sae_training.token_stream import CorpusSpec, StreamReport, iter_batches, iter_windows
-
-STATS_FORMAT_VERSION = "1"
+from sae_steer_vllm.sae.stats_file import STATS_FORMAT_VERSION
+from sae_training.features.feature_stats import FeatureStats
+from sae_training.features.reasonscore import DEFAULT_ALPHA, DEFAULT_EPS, reason_score
 
 
 @dataclass(frozen=True)
@@ -286,180 +271,3 @@ class FeatureStatsAccumulator:
             }
         )
         return FeatureStats(t, meta)
-
-
-# ---------------------------------------------------------------------- the file
-@dataclass
-class FeatureStats:
-    """The statistics file's content: named tensors plus JSON-able metadata."""
-
-    tensors: dict[str, torch.Tensor]
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self.tensors[name]
-
-    @property
-    def groups(self) -> list[str]:
-        return [str(g) for g in self.meta.get("groups", [])]
-
-    @property
-    def d_sae(self) -> int:
-        return int(self.tensors["max_activation"].shape[0])
-
-    def ranking(self) -> torch.Tensor:
-        """Feature indices by descending ReasonScore."""
-        return torch.argsort(self.tensors["reasonscore"], descending=True, stable=True)
-
-    def save(self, path: str | Path) -> Path:
-        """Write atomically (temporary file, then rename): a reader never sees half a file."""
-        path = Path(path)
-        if path.is_dir():
-            path = path / STATS_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.tensors.items()}
-        meta = {k: json.dumps(v) for k, v in self.meta.items()}
-        save_file(tensors, str(tmp), metadata=meta)
-        tmp.replace(path)
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> FeatureStats:
-        path = Path(path)
-        if path.is_dir():
-            path = path / STATS_FILE
-        if not path.is_file():
-            raise SAEFormatError(f"{path}: no statistics file (run `sae-steer score` first)")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-                raw_meta = f.metadata() or {}
-        except Exception as e:
-            raise SAEFormatError(f"{path}: not a readable safetensors file ({e})") from None
-        meta: dict[str, Any] = {}
-        for k, v in raw_meta.items():
-            try:
-                meta[k] = json.loads(v)
-            except json.JSONDecodeError:
-                meta[k] = v
-        if "max_activation" not in tensors:
-            raise SAEFormatError(f"{path}: no max_activation tensor")
-        return cls(tensors, meta)
-
-
-# ---------------------------------------------------------------------- the pass
-@dataclass
-class PassResult:
-    stats: FeatureStats
-    report: StreamReport
-    seconds: float
-
-
-def accumulate_corpus(
-    reader: Any,
-    sae: SAE,
-    tokenizer: Any,
-    spec: CorpusSpec,
-    patterns: VocabPatterns,
-    *,
-    window: tuple[int, int] = DEFAULT_WINDOW,
-    batch_size: int = 1,
-    cfg: StatsConfig | None = None,
-    progress: bool = True,
-) -> tuple[FeatureStatsAccumulator, StreamReport]:
-    """The streaming pass: model forward to resid_post, SAE encode, fold into accumulators.
-
-    ``reader`` maps token ids ``[B, T]`` to resid_post ``[B, T, d_in]``
-    (:class:`sae_training.resid_capture.ResidPostReader`).
-    """
-    from tqdm import tqdm
-
-    cfg = cfg or StatsConfig()
-    acc = FeatureStatsAccumulator(sae.cfg.d_sae, patterns.n_groups, cfg)
-    ignored = special_token_ids(tokenizer)
-    report = StreamReport()
-    bar = tqdm(
-        total=spec.max_tokens, desc="feature stats", unit="tok", disable=not progress, smoothing=0.1
-    )
-    for batch in iter_batches(iter_windows(tokenizer, spec, report), batch_size, spec.ctx):
-        ids = torch.tensor([w.ids for w in batch], dtype=torch.long)
-        resid = reader(ids)
-        S, T = ids.shape
-        per_chunk = max(1, cfg.chunk_tokens // T)
-        for s0 in range(0, S, per_chunk):
-            sub = ids[s0 : s0 + per_chunk]
-            masks = []
-            valid = []
-            for row in sub:
-                ig = ignore_mask(row, ignored)
-                m = sequence_masks(row, patterns, ig, window)
-                masks.append(m.groups)
-                valid.append(~ig)
-            with torch.inference_mode():
-                acts = sae.encode(resid[s0 : s0 + per_chunk].reshape(-1, resid.shape[-1]))
-            acc.update(
-                acts.reshape(sub.shape[0], T, -1),
-                sub,
-                torch.stack(masks),
-                torch.stack(valid),
-                torch.tensor([w.seq_id for w in batch[s0 : s0 + per_chunk]]),
-            )
-        bar.update(int(ids.numel()))
-    bar.close()
-    return acc, report
-
-
-def run_feature_stats(
-    model: Any,
-    tokenizer: Any,
-    sae: SAE,
-    spec: CorpusSpec,
-    vocab: dict[str, list[str]],
-    *,
-    window: tuple[int, int] = DEFAULT_WINDOW,
-    alpha: float = DEFAULT_ALPHA,
-    eps: float = DEFAULT_EPS,
-    batch_size: int = 1,
-    cfg: StatsConfig | None = None,
-    progress: bool = True,
-    metadata: dict[str, Any] | None = None,
-) -> PassResult:
-    """Everything in memory: one pass, then means, ReasonScore and summaries."""
-    from sae_training.resid_capture import ResidPostReader
-
-    patterns = build_patterns(tokenizer, vocab)
-    reader = ResidPostReader(model, sae.cfg.hook_layer)
-    t0 = time.perf_counter()
-    acc, report = accumulate_corpus(
-        reader,
-        sae,
-        tokenizer,
-        spec,
-        patterns,
-        window=window,
-        batch_size=batch_size,
-        cfg=cfg,
-        progress=progress,
-    )
-    seconds = time.perf_counter() - t0
-    if report.n_tokens == 0:
-        raise ValueError(f"{spec.path}: no usable {spec.kind} records (nothing to score)")
-    meta = dict(metadata or {})
-    meta.update(
-        {
-            "corpus": spec.to_metadata(),
-            "window": list(window),
-            "vocab": {g: list(s) for g, s in zip(patterns.groups, patterns.strings, strict=True)},
-            "n_docs": report.n_docs,
-            "n_windows": report.n_windows,
-            "n_tokens_all": report.n_tokens,
-            "n_skipped_records": len(report.skipped),
-            "seconds": round(seconds, 3),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-    )
-    with torch.inference_mode():
-        norm = sae.W_dec.detach().norm(dim=1)
-    stats = acc.finalize(norm, patterns.groups, alpha=alpha, eps=eps, metadata=meta)
-    return PassResult(stats, report, seconds)

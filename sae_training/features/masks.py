@@ -4,7 +4,8 @@
    ``s.lstrip().lower()``; a group matches where any of its token-id sequences occurs
    exactly, and a match marks every token it covers;
 2. each marked position p is widened to ``[p - left, p + right]`` (clipped, merged);
-3. ignored positions (special tokens) are removed from every mask;
+3. ignored positions (special tokens, :func:`sae_training.tokens.special_token_ids`) are
+   removed from every mask;
 4. ``M+`` is the union of the group masks, ``M-`` every other non-ignored position.
 
 The work is vectorised per sequence (``unfold`` for matching, a max-pool for the window)
@@ -13,22 +14,19 @@ so it costs far less than the model forward it accompanies.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 
+from sae_training.errors import VocabPatternError
+
 DEFAULT_WINDOW: tuple[int, int] = (1, 2)
 
 
 class Tokenizer(Protocol):
     def encode(self, text: str, add_special_tokens: bool = ...) -> Any: ...
-
-
-class VocabPatternError(ValueError):
-    """A vocabulary string cannot be turned into token ids."""
 
 
 @dataclass(frozen=True)
@@ -153,21 +151,3 @@ def sequence_masks(
     pos = groups.any(dim=0)
     neg = ~pos & ~ignore
     return SequenceMasks(groups, pos, neg)
-
-
-def ignore_mask(ids: torch.Tensor, ignored_ids: Iterable[int]) -> torch.Tensor:
-    """Bool mask of positions holding an ignored (special) token id."""
-    ig = torch.tensor(sorted(set(ignored_ids)), dtype=torch.long)
-    if ig.numel() == 0:
-        return torch.zeros(ids.shape, dtype=torch.bool)
-    return torch.isin(ids.long(), ig)
-
-
-def special_token_ids(tokenizer: Any) -> set[int]:
-    """BOS/EOS/pad and every added token flagged special: the positions ReasonScore ignores."""
-    ids: set[int] = {int(i) for i in getattr(tokenizer, "all_special_ids", []) or []}
-    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
-    for idx, tok in decoder.items():
-        if getattr(tok, "special", False):
-            ids.add(int(idx))
-    return ids

@@ -1,4 +1,4 @@
-"""``sae-steer vocab``: re-derive a reasoning vocabulary from two corpora, as the paper did.
+"""Re-derive a reasoning vocabulary from two corpora, as the paper did (``sae-steer vocab``).
 
 The paper compared word frequencies in R1 reasoning traces against ground-truth math
 solutions, kept the words whose frequency rises most, dropped those very common in
@@ -21,23 +21,21 @@ vocabulary JSON format (four surface forms per word) for ``sae-steer score --voc
 
 from __future__ import annotations
 
-import argparse
-import json
 import re
-import sys
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from sae_training.corpus import CorpusError, data_file, read_jsonl
-from sae_training.reasoning_vocab import load_vocabulary
+from sae_steer_vllm.constants import CHAT_CORPUS, NONREASONING_CORPUS, TRACE_CORPUS
+from sae_training.corpus import data_file, read_jsonl
+from sae_training.errors import CorpusError
 
 WORD_RE = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)?")
 
-DEFAULT_REASONING = ["reasoning_traces.jsonl:reasoning"]
-DEFAULT_NONREASONING = ["math_nonreasoning.jsonl:answer", "gsm8k_train.jsonl:answer_clean"]
-DEFAULT_GENERAL = ["chat.jsonl:messages"]
+DEFAULT_REASONING = [f"{TRACE_CORPUS}:reasoning"]
+DEFAULT_NONREASONING = [f"{NONREASONING_CORPUS}:answer", "gsm8k_train.jsonl:answer_clean"]
+DEFAULT_GENERAL = [f"{CHAT_CORPUS}:messages"]
 
 
 @dataclass(frozen=True)
@@ -140,78 +138,3 @@ def to_vocab_json(words: list[str]) -> dict[str, object]:
         cap = w[:1].upper() + w[1:]
         groups[w] = [w, f" {w}", cap, f" {cap}"]
     return {"source": "sae-steer vocab (derived)", "groups": groups}
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="sae-steer vocab",
-        description=(
-            "Rank words (and word pairs) by how much more often they occur in reasoning "
-            "traces than in non-reasoning solutions, drop words common in general text, and "
-            "print the top candidates with their counts. '*' marks the paper's vocabulary."
-        ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--reasoning", nargs="+", default=DEFAULT_REASONING, metavar="FILE:FIELD")
-    p.add_argument("--nonreasoning", nargs="+", default=DEFAULT_NONREASONING, metavar="FILE:FIELD")
-    p.add_argument("--general", nargs="+", default=DEFAULT_GENERAL, metavar="FILE:FIELD")
-    p.add_argument("--top", type=int, default=30, help="candidates to print")
-    p.add_argument("--min-count", type=int, default=20, help="min occurrences in reasoning text")
-    p.add_argument(
-        "--max-general-rate",
-        type=float,
-        default=1e-3,
-        help="drop words more frequent than this (per word) in the general corpus",
-    )
-    p.add_argument("--ngram", type=int, default=2, choices=(1, 2, 3), help="longest word n-gram")
-    p.add_argument(
-        "--max-docs", type=int, default=None, help="read at most this many records per file"
-    )
-    p.add_argument("--out", default=None, help="write the candidates as a vocabulary JSON")
-    return p
-
-
-def main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
-    if args.top <= 0 or args.min_count < 1 or args.max_general_rate <= 0:
-        print(
-            "sae-steer vocab: --top, --min-count and --max-general-rate must be positive",
-            file=sys.stderr,
-        )
-        return 2
-    try:
-        cands = derive_vocabulary(
-            [Source.parse(s) for s in args.reasoning],
-            [Source.parse(s) for s in args.nonreasoning],
-            [Source.parse(s) for s in args.general],
-            top=args.top,
-            min_count=args.min_count,
-            max_general_rate=args.max_general_rate,
-            ngram=args.ngram,
-            max_docs=args.max_docs,
-        )
-    except CorpusError as e:
-        print(f"sae-steer vocab: {e}", file=sys.stderr)
-        return 1
-    paper = set(load_vocabulary())
-    print(
-        f"{'rank':>4}  {'word':<22} {'ratio':>8} {'reasoning':>10} {'non-reas.':>10} {'general':>9}"
-    )
-    for i, c in enumerate(cands, 1):
-        mark = "*" if c.word in paper else " "
-        print(
-            f"{i:>4} {mark}{c.word:<22} {c.ratio:>8.2f} {c.count_reasoning:>10} "
-            f"{c.count_nonreasoning:>10} {c.count_general:>9}"
-        )
-    found = sorted(paper & {c.word for c in cands})
-    print(f"\npaper's groups among the top {len(cands)}: {', '.join(found) or 'none'}")
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(to_vocab_json([c.word for c in cands]), indent=2))
-        print(f"wrote {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:]))

@@ -32,19 +32,17 @@ from typing import Any
 
 import torch
 
+from sae_steer_vllm.constants import NONREASONING_CORPUS
 from sae_steer_vllm.sae import SAE
 from sae_training.corpus import data_file, read_jsonl
-from sae_training.masks import (
-    DEFAULT_WINDOW,
-    VocabPatterns,
-    ignore_mask,
-    sequence_masks,
-    special_token_ids,
-)
+from sae_training.errors import FeatureStatsError
+from sae_training.features.masks import DEFAULT_WINDOW, VocabPatterns, sequence_masks
+from sae_training.lm import ResidReader
+from sae_training.tokens import ignore_mask, special_token_ids
 
 # (file, question field, answer field): solutions written without visible deliberation
 DEFAULT_NONREASONING: tuple[tuple[str, str, str], ...] = (
-    ("math_nonreasoning.jsonl", "question", "answer"),
+    (NONREASONING_CORPUS, "question", "answer"),
     ("gsm8k_train.jsonl", "question", "answer_clean"),
 )
 TOKEN_DETECTOR_RATIO = 0.5
@@ -131,7 +129,7 @@ def render_reply(tokenizer: Any, question: str, answer: str) -> str:
 
 @torch.inference_mode()
 def measure_token_dependence(
-    reader: Any,
+    reader: ResidReader,
     sae: SAE,
     tokenizer: Any,
     patterns: VocabPatterns,
@@ -150,8 +148,8 @@ def measure_token_dependence(
 
     ``reasoning_group_act`` ``[d_sae, G]``: raw per-group means on the reasoning corpus;
     ``group_weights`` ``[G]``: how many marked positions each group had there (both from
-    the statistics file, see :func:`reasoning_reference`). ``reader`` maps token ids
-    ``[1, T]`` to resid_post (:class:`ResidPostReader`).
+    the statistics file, see :func:`reasoning_reference`). ``reader`` reads resid_post
+    at the SAE's layer (a single-layer :class:`ResidReader`).
     """
     from tqdm import tqdm
 
@@ -180,7 +178,7 @@ def measure_token_dependence(
         ):
             ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"][:ctx])
             ig = ignore_mask(ids, ignored)
-            acts = sae.encode(reader(ids.unsqueeze(0))[0])[:, feats].double()
+            acts = sae.encode(reader.read_one(ids.unsqueeze(0))[0])[:, feats].double()
             if is_injected:
                 gm = sequence_masks(ids, patterns, ig, window).groups.double()  # [G, T]
                 inj_sum += gm @ acts
@@ -190,7 +188,7 @@ def measure_token_dependence(
                 base_n += int((~ig).sum())
     w = group_weights.double() * (inj_n > 0)
     if float(w.sum()) <= 0:
-        raise ValueError(
+        raise FeatureStatsError(
             "no vocabulary group occurs both in the injected texts and in the reasoning corpus"
         )
     w = w / w.sum()

@@ -1,39 +1,15 @@
-"""``sae-steer dashboard``: static HTML pages for the top features, from the statistics file.
-
-Everything shown comes from ``feature_stats.safetensors`` (written by ``sae-steer score``),
-the SAE's decoder rows and the model's unembedding, so no forward pass is needed:
-
-* top activating contexts (one per sequence) with each token shaded by the feature's
-  activation relative to its max;
-* the activation histogram (non-zero activations, inline SVG);
-* logit lens: top and bottom tokens of ``(W_dec[i] * g) @ W_U^T`` where ``g`` is the final
-  RMSNorm weight. We apply ``g`` because a residual direction reaches the unembedding only
-  through that norm: ``g`` rescales each dimension and can change which tokens win. The
-  norm's division by the RMS is a positive per-token scalar and changes no ranking, so it
-  is left out. (Llama-style norms; models whose norm is ``1 + g`` would need that form.)
-* density, max activation, quantiles, ReasonScore and its parts, the group shares p_ij and,
-  when the ranked table has it, the token-dependence ratio;
-* an index page sorted by ReasonScore.
-
-Pages are self-contained: inline CSS and SVG, no scripts, no network resources.
-"""
+"""The dashboard pages as HTML strings: self-contained (inline CSS and SVG, no scripts,
+no network resources), built from a :class:`FeatureStats` and a tokenizer."""
 
 from __future__ import annotations
 
-import argparse
 import html
-import json
-import sys
-from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
-from sae_steer_vllm.sae import STATS_FILE, SAEFormatError, SAERows
-from sae_training.feature_stats import FeatureStats
+from sae_training.features.feature_stats import FeatureStats
 
-N_LENS = 10
 HIST_BARS = 64
 
 CSS = """
@@ -57,55 +33,7 @@ th { background: #f0f0f3; } td.l, th.l { text-align: left; }
 """
 
 
-# ---------------------------------------------------------------------- model pieces
-def load_unembedding(model_path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(W_U ``[vocab, d]``, final norm weight ``[d]`` or None) read straight from safetensors,
-    without building the model: ``lm_head.weight``, or the embeddings when they are tied."""
-    folder = Path(model_path)
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-    else:
-        single = folder / "model.safetensors"
-        if not single.is_file():
-            raise SAEFormatError(f"{folder}: no model.safetensors (needed for the logit lens)")
-        with safe_open(str(single), framework="pt") as f:
-            weight_map = {k: single.name for k in f.keys()}  # noqa: SIM118
-
-    def get(name: str) -> torch.Tensor:
-        with safe_open(str(folder / weight_map[name]), framework="pt") as f:
-            return f.get_tensor(name).float()
-
-    for name in ("lm_head.weight", "model.embed_tokens.weight", "transformer.wte.weight"):
-        if name in weight_map:
-            W_U = get(name)
-            break
-    else:
-        raise SAEFormatError(f"{folder}: no lm_head or embedding weights found")
-    norm = None
-    for name in ("model.norm.weight", "transformer.ln_f.weight"):
-        if name in weight_map:
-            norm = get(name)
-            break
-    return W_U, norm
-
-
-def logit_lens(
-    direction: torch.Tensor, W_U: torch.Tensor, norm_weight: torch.Tensor | None, n: int = N_LENS
-) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
-    """Top and bottom ``n`` (token id, logit) of a residual direction."""
-    d = direction.float() * (norm_weight if norm_weight is not None else 1.0)
-    logits = W_U @ d
-    top = logits.topk(n)
-    bot = (-logits).topk(n)
-    return (
-        list(zip(top.indices.tolist(), top.values.tolist(), strict=True)),
-        list(zip(bot.indices.tolist(), (-bot.values).tolist(), strict=True)),
-    )
-
-
-# ---------------------------------------------------------------------- html pieces
-def _tok_text(tokenizer: Any, tid: int) -> str:
+def token_text(tokenizer: Any, tid: int) -> str:
     s = str(tokenizer.decode([tid]))
     return s.replace("\n", "↵").replace("\t", "⇥")
 
@@ -175,7 +103,7 @@ def context_html(
         cls = "tok peak" if j == peak else "tok"
         spans.append(
             f'<span class="{cls}" style="background: rgba(240,90,20,{alpha:.3f})" '
-            f'title="{a:.4f}">{_esc(_tok_text(tokenizer, tid))}</span>'
+            f'title="{a:.4f}">{_esc(token_text(tokenizer, tid))}</span>'
         )
     return f'<div class="context">{"".join(spans)}<span class="val">{_fmt(value)}</span></div>'
 
@@ -237,7 +165,7 @@ def feature_page(
 
     def lens_table(name: str, items: list[tuple[int, float]]) -> str:
         body = "".join(
-            f'<tr><td class="l"><code>{_esc(_tok_text(tokenizer, tid))}</code></td>'
+            f'<tr><td class="l"><code>{_esc(token_text(tokenizer, tid))}</code></td>'
             f"<td>{v:+.3f}</td></tr>"
             for tid, v in items
         )
@@ -317,115 +245,3 @@ def index_page(
         + "</table>"
     )
     return _page("ReasonScore: top features", body)
-
-
-# ---------------------------------------------------------------------- API
-def build_dashboard(
-    stats_path: str | Path,
-    out_dir: str | Path,
-    *,
-    top_k: int = 30,
-    model_path: str | Path | None = None,
-    sae_path: str | Path | None = None,
-    table: str | Path | None = None,
-    progress: bool = False,
-) -> Path:
-    """Write ``index.html`` and one ``feature_<i>.html`` per top feature; returns the index."""
-    from tqdm import tqdm
-    from transformers import AutoTokenizer
-
-    stats = FeatureStats.load(stats_path)
-    sp = Path(stats_path)
-    sae_dir = Path(sae_path or stats.meta.get("sae") or (sp if sp.is_dir() else sp.parent))
-    model_dir = model_path or stats.meta.get("model")
-    if not model_dir:
-        raise SAEFormatError("the statistics file names no model: pass model_path / --model")
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    W_U, norm_w = load_unembedding(model_dir)
-    recorded = stats.meta.get("sae_weights_sha256")
-    if recorded:
-        from sae_training.score import sae_weights_digest
-
-        if sae_weights_digest(sae_dir) != recorded:
-            raise SAEFormatError(
-                f"{sp}: these statistics were computed for other weights than {sae_dir} holds "
-                "now (re-run `sae-steer score`)"
-            )
-    rows_sae = SAERows(sae_dir)
-    if rows_sae.cfg.d_sae != stats.d_sae:
-        raise SAEFormatError(
-            f"{sae_dir} has {rows_sae.cfg.d_sae} features but the statistics have {stats.d_sae}"
-        )
-    table_path = (
-        Path(table) if table else (sp if sp.is_dir() else sp.parent) / "reasonscore_top.json"
-    )
-    rows: dict[int, dict[str, Any]] = {}
-    if table_path.is_file():
-        for r in json.loads(table_path.read_text()).get("features", []):
-            rows[int(r["feature"])] = r
-    feats = stats.ranking()[:top_k].tolist()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    lens_top: dict[int, list[str]] = {}
-    for rank, f in enumerate(tqdm(feats, desc="dashboard", disable=not progress), 1):
-        dec = rows_sae.feature(f)[3]
-        lens = logit_lens(dec, W_U, norm_w)
-        lens_top[f] = [_tok_text(tokenizer, tid).strip() or "␣" for tid, _ in lens[0][:5]]
-        page = feature_page(stats, f, rank, tokenizer, lens, rows.get(f))
-        (out / f"feature_{f}.html").write_text(page, encoding="utf-8")
-    index = out / "index.html"
-    index.write_text(index_page(stats, feats, rows, lens_top), encoding="utf-8")
-    return index
-
-
-# ---------------------------------------------------------------------- CLI
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="sae-steer dashboard",
-        description=(
-            "Static HTML dashboards for the top features by ReasonScore: top activating "
-            "contexts with per-token shading, activation histogram, logit lens, density, "
-            "ReasonScore and its parts; index.html sorted by score. Needs the statistics "
-            "written by `sae-steer score`; runs no model forward."
-        ),
-    )
-    p.add_argument(
-        "--sae",
-        default="runs/default-sae",
-        help="SAE folder holding " + STATS_FILE + " (default: runs/default-sae)",
-    )
-    p.add_argument(
-        "--stats", default=None, help="statistics file (default: <sae>/" + STATS_FILE + ")"
-    )
-    p.add_argument("--model", default=None, help="HF model folder (default: from the statistics)")
-    p.add_argument("--top-k", type=int, default=30, help="number of feature pages (default: 30)")
-    p.add_argument("--out", default=None, help="output folder (default: <sae>/dashboard)")
-    return p
-
-
-def main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
-    if args.top_k <= 0:
-        print("sae-steer dashboard: --top-k must be positive", file=sys.stderr)
-        return 2
-    stats = Path(args.stats) if args.stats else Path(args.sae) / STATS_FILE
-    if not stats.is_file():
-        print(
-            f"sae-steer dashboard: {stats} not found (run `sae-steer score --sae {args.sae}`)",
-            file=sys.stderr,
-        )
-        return 2
-    out = Path(args.out) if args.out else Path(args.sae) / "dashboard"
-    try:
-        index = build_dashboard(
-            stats, out, top_k=args.top_k, model_path=args.model, sae_path=args.sae, progress=True
-        )
-    except (SAEFormatError, OSError, ValueError, KeyError) as e:
-        print(f"sae-steer dashboard: {e}", file=sys.stderr)
-        return 1
-    print(f"wrote {index}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:]))

@@ -1,7 +1,7 @@
 """ReasonScore from per-feature means, exactly as ``reasonscore.md`` ("Score") defines it.
 
 Inputs are the folded (``f_i * ||W_dec[i]||``) token-weighted means m_ij, mu+_i, mu-_i;
-the streaming pass in :mod:`sae_training.feature_stats` produces them. Kept separate and
+the streaming pass in :mod:`sae_training.features.stats_accumulator` produces them. Kept separate and
 pure so the definition is readable in one place and testable without a model.
 
     p_ij    = m_ij / (sum_j' m_ij' + eps)

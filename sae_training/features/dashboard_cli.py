@@ -1,0 +1,58 @@
+"""``sae-steer dashboard``: static HTML pages for the top features, from the statistics file.
+
+The command is :func:`~sae_training.features.dashboard.build_dashboard`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+
+from sae_steer_vllm.command import CommandConfig, run_model_command
+from sae_steer_vllm.constants import DASHBOARD_DIR, STATS_FILE
+from sae_steer_vllm.errors import UsageError
+from sae_training.features.dashboard import build_dashboard
+from sae_training.recipe import DEFAULT_OUT
+
+PROG = "sae-steer dashboard"
+
+
+class DashboardCommand(CommandConfig):
+    """Static HTML dashboards for the top features by ReasonScore: top activating contexts with
+    per-token shading, activation histogram, logit lens, density, ReasonScore and its parts;
+    index.html sorted by score. Needs the statistics written by `sae-steer score`; runs no
+    model forward.
+    """
+
+    sae: Path = DEFAULT_OUT
+    """SAE folder holding feature_stats.safetensors"""
+    stats: Path | None = None
+    """statistics file (default: <sae>/feature_stats.safetensors)"""
+    model: str | None = None
+    """HF model folder (default: from the statistics)"""
+    top_k: int = Field(30, gt=0)
+    """number of feature pages"""
+    out: Path | None = None
+    """output folder (default: <sae>/dashboard)"""
+
+
+def _run(cmd: DashboardCommand) -> int:
+    stats = cmd.stats or cmd.sae / STATS_FILE
+    if not stats.is_file():
+        raise UsageError(f"{stats} not found (run `sae-steer score --sae {cmd.sae}`)")
+    index = build_dashboard(
+        stats,
+        cmd.out or cmd.sae / DASHBOARD_DIR,
+        top_k=cmd.top_k,
+        model_path=cmd.model,
+        sae_path=cmd.sae,
+        progress=True,
+    )
+    print(f"wrote {index}")
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    """``sae-steer dashboard [options]``: options are the fields of :class:`DashboardCommand`."""
+    return run_model_command(PROG, DashboardCommand, _run, argv)

@@ -1,0 +1,113 @@
+"""The ranked table: the top features by ReasonScore, one row each, as JSON and CSV.
+
+One owner of ``reasonscore_top.json`` / ``.csv`` (names in :mod:`sae_steer_vllm.constants`):
+``sae-steer score`` writes it, the dashboards and the demo read it. The JSON holds
+``{"meta": run settings, "features": rows}``; the CSV the same rows (empty cell = None).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from sae_steer_vllm.constants import TABLE_CSV, TABLE_JSON
+from sae_steer_vllm.files import atomic_write, atomic_write_json
+from sae_training.features.feature_stats import FeatureStats
+from sae_training.features.token_dependence import TOKEN_DETECTOR_RATIO, TokenDependence
+
+
+def ranked_rows(
+    stats: FeatureStats,
+    top_k: int = 100,
+    token_dep: dict[int, TokenDependence] | None = None,
+) -> list[dict[str, Any]]:
+    """The top ``top_k`` features by ReasonScore with their parts and summaries."""
+    t = stats.tensors
+    groups = stats.groups
+    levels = [float(q) for q in t["quantile_levels"].tolist()]
+    rows = []
+    for rank, f in enumerate(stats.ranking()[:top_k].tolist(), 1):
+        share = t["group_share"][f]
+        top_group = int(share.argmax())
+        row: dict[str, Any] = {
+            "rank": rank,
+            "feature": f,
+            "reasonscore": float(t["reasonscore"][f]),
+            "pos_term": float(t["pos_term"][f]),
+            "entropy_norm": float(t["entropy_norm"][f]),
+            "neg_term": float(t["neg_term"][f]),
+            "mean_pos": float(t["mean_pos"][f]),
+            "mean_neg": float(t["mean_neg"][f]),
+            "density": float(t["density"][f]),
+            "max_activation": float(t["max_activation"][f]),
+            "max_activation_folded": float(t["max_activation_folded"][f]),
+        }
+        for q, v in zip(levels, t["quantiles"][f].tolist(), strict=True):
+            row[f"q{round(q * 100):02d}"] = float(v)
+        row["top_group"] = groups[top_group] if float(share.sum()) > 0 else ""
+        row["top_group_share"] = float(share[top_group])
+        dep = (token_dep or {}).get(f)
+        row["injection_ratio"] = None if dep is None else dep.injection_ratio
+        row["transfer_ratio"] = None if dep is None else dep.transfer_ratio
+        row["act_injected"] = None if dep is None else dep.injected
+        row["act_reasoning"] = None if dep is None else dep.reasoning
+        row["act_baseline"] = None if dep is None else dep.baseline
+        row["likely_token_detector"] = None if dep is None else dep.likely_token_detector
+        rows.append(row)
+    return rows
+
+
+def _json_safe(v: Any) -> Any:
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def write_ranked_table(
+    stats: FeatureStats | str | Path,
+    out_dir: str | Path,
+    top_k: int = 100,
+    token_dep: dict[int, TokenDependence] | None = None,
+) -> tuple[Path, Path]:
+    """Write ``reasonscore_top.json`` (rows plus run metadata) and ``reasonscore_top.csv``."""
+    st = stats if isinstance(stats, FeatureStats) else FeatureStats.load(stats)
+    rows = ranked_rows(st, top_k, token_dep)
+    out = Path(out_dir)
+    meta = {
+        k: st.meta.get(k)
+        for k in ("model", "sae", "corpus", "n_tokens", "window", "alpha", "eps", "groups")
+    }
+    meta["d_sae"] = st.d_sae
+    meta["token_detector_rule"] = f"injection_ratio >= {TOKEN_DETECTOR_RATIO}"
+    doc = {"meta": meta, "features": [{k: _json_safe(v) for k, v in r.items()} for r in rows]}
+    jpath = atomic_write_json(out / TABLE_JSON, doc, indent=1)
+    buf = io.StringIO(newline="")
+    if rows:
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: "" if v is None else v for k, v in r.items()})
+    cpath = atomic_write(out / TABLE_CSV, buf.getvalue())
+    return jpath, cpath
+
+
+def table_path(path: str | Path) -> Path:
+    """The table JSON of a folder (or ``path`` itself when it is not a folder)."""
+    p = Path(path)
+    return p / TABLE_JSON if p.is_dir() else p
+
+
+def load_ranked_table(path: str | Path) -> dict[str, Any]:
+    """``{"meta": ..., "features": [rows]}`` from a folder or the JSON file itself."""
+    doc: dict[str, Any] = json.loads(table_path(path).read_text())
+    return doc
+
+
+def rows_by_feature(path: str | Path) -> dict[int, dict[str, Any]]:
+    """The table's rows keyed by feature index; empty when there is no table."""
+    p = table_path(path)
+    if not p.is_file():
+        return {}
+    return {int(r["feature"]): r for r in load_ranked_table(p).get("features", [])}
