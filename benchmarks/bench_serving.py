@@ -13,27 +13,43 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
 import random
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import openai
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from benchmarks.client import (
-    EndpointError,
     check_endpoint,
     make_client,
     merge_extra_body,
+    resolve_model,
     status_message,
 )
+from benchmarks.options import CommaList, EndpointOptions, command_parser
+from sae_steer_vllm.command import CommandConfig, add_model_options, model_from_args, run_command
+from sae_steer_vllm.errors import UsageError
+from sae_steer_vllm.files import atomic_write_json
 from sae_steer_vllm.spec import FeatureIntervention, Mode, SteeringSpec
+
+PROG = "sae-steer bench"
+
+DESCRIPTION = (
+    "Measure serving throughput (output tokens/s, latency and time-to-first-token "
+    "percentiles) of an OpenAI-compatible endpoint for a mix of steered and unsteered "
+    "chat requests."
+)
+
+EXAMPLES = (
+    "example:\n  sae-steer bench --base-url http://127.0.0.1:8000/v1 --sae default "
+    "--features 12,34 --steered-fraction 0.5 --distinct-specs 4 -c 16 -N 128"
+)
+
 
 DEFAULT_PROMPTS = [
     "Explain why the sum of two even numbers is even.",
@@ -181,7 +197,7 @@ async def measure_throughput(
     when the server cannot be reached.
     """
     if not prompts or not specs:
-        raise ValueError("need at least one prompt and one request")
+        raise UsageError("need at least one prompt and one request")
     client = make_client(base_url, api_key=api_key, timeout_s=timeout_s)
     try:
         await check_endpoint(client, model)
@@ -238,10 +254,10 @@ def request_mix(
     batch the server forms is mixed, which is the case worth measuring.
     """
     if not 0.0 <= steered_fraction <= 1.0:
-        raise ValueError("steered fraction must be within [0, 1]")
+        raise UsageError("steered fraction must be within [0, 1]")
     n_steer = round(steered_fraction * n_requests)
     if n_steer and not distinct:
-        raise ValueError("steered requests need at least one spec")
+        raise UsageError("steered requests need at least one spec")
     mix: list[SteeringSpec | None] = [distinct[i % len(distinct)] for i in range(n_steer)]
     mix += [None] * (n_requests - n_steer)
     random.Random(seed).shuffle(mix)
@@ -291,138 +307,114 @@ def _fmt(r: ThroughputResult) -> str:
     return "\n".join(lines)
 
 
+class BenchConfig(CommandConfig):
+    """The options of ``sae-steer bench`` beyond the endpoint."""
+
+    num_requests: int = Field(default=64, ge=1, json_schema_extra={"cli": {"aliases": ["-N"]}})
+    """measured requests"""
+    concurrency: int = Field(default=8, ge=1, json_schema_extra={"cli": {"aliases": ["-c"]}})
+    """requests in flight"""
+    max_tokens: int = Field(default=128, ge=1)
+    """output tokens per request"""
+    ignore_eos: bool = True
+    """every request generates exactly --max-tokens (ignore_eos); --no-ignore-eos lets
+    requests stop at EOS"""
+    steered_fraction: float = Field(default=0.5, ge=0.0, le=1.0)
+    """share of steered requests (0..1)"""
+    distinct_specs: int = 1
+    """how many different specs the steered requests use"""
+    sae: str | None = None
+    """SAE name for generated specs"""
+    features: CommaList[int] = [0]
+    """comma list of features for generated specs"""
+    strength: float = 2.0
+    """x the feature's max activation"""
+    mode: Literal["clamp", "add"] = "clamp"
+    """intervention of generated specs"""
+    specs_file: Path | None = None
+    """use these named specs (JSON/JSONL) instead of --sae"""
+    prompts_file: Path | None = None
+    """JSONL with a 'prompt' (or --prompt-field) string per line"""
+    prompt_field: str = "prompt"
+    """field of --prompts-file holding the prompt"""
+    warmup: int = Field(default=2, ge=0)
+    """unmeasured warm-up requests"""
+    seed: int = 0
+    """shuffle seed of the request mix"""
+    json_out: Path | None = None
+    """also write the result as JSON"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="sae-steer bench",
-        description=(
-            "Measure serving throughput (output tokens/s, latency and time-to-first-token "
-            "percentiles) of an OpenAI-compatible endpoint for a mix of steered and unsteered "
-            "chat requests."
-        ),
-        epilog=(
-            "example:\n  sae-steer bench --base-url http://127.0.0.1:8000/v1 --sae default "
-            "--features 12,34 --steered-fraction 0.5 --distinct-specs 4 -c 16 -N 128"
-        ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument(
-        "--base-url",
-        default=os.environ.get("OPENAI_BASE_URL", "http://127.0.0.1:8000/v1"),
-        help="OpenAI-compatible base URL ending in /v1 (default: $OPENAI_BASE_URL or %(default)s)",
-    )
-    p.add_argument("--model", help="served model name (default: the first listed)")
-    p.add_argument(
-        "--api-key",
-        default=os.environ.get("OPENAI_API_KEY", "EMPTY"),
-        help="API key if the server wants one (default: $OPENAI_API_KEY or EMPTY)",
-    )
-    p.add_argument("-N", "--num-requests", type=int, default=64, help="measured requests")
-    p.add_argument("-c", "--concurrency", type=int, default=8, help="requests in flight")
-    p.add_argument("--max-tokens", type=int, default=128, help="output tokens per request")
-    p.add_argument(
-        "--no-ignore-eos",
-        action="store_true",
-        help="let requests stop at EOS (default: ignore_eos, so each generates --max-tokens)",
-    )
-    p.add_argument(
-        "--steered-fraction", type=float, default=0.5, help="share of steered requests (0..1)"
-    )
-    p.add_argument(
-        "--distinct-specs", type=int, default=1, help="how many different specs the steered use"
-    )
-    p.add_argument("--sae", help="SAE name for generated specs")
-    p.add_argument("--features", default="0", help="comma list of features for generated specs")
-    p.add_argument(
-        "--strength", type=float, default=2.0, help="x the feature's max activation (default 2)"
-    )
-    p.add_argument("--mode", choices=["clamp", "add"], default="clamp", help="(default clamp)")
-    p.add_argument(
-        "--specs-file", type=Path, help="use these named specs (JSON/JSONL) instead of --sae"
-    )
-    p.add_argument("--prompts-file", type=Path, help="JSONL with a 'prompt' (or --prompt-field)")
-    p.add_argument("--prompt-field", default="prompt")
-    p.add_argument("--warmup", type=int, default=2, help="unmeasured warm-up requests")
-    p.add_argument("--seed", type=int, default=0, help="shuffle seed of the request mix")
-    p.add_argument("--json-out", type=Path, help="also write the result as JSON")
+    p = command_parser(PROG, DESCRIPTION, EXAMPLES)
+    add_model_options(p, EndpointOptions, group="endpoint")
+    add_model_options(p, BenchConfig, group="requests")
     return p
+
+
+def _distinct_specs(cfg: BenchConfig) -> list[SteeringSpec]:
+    """The specs steered requests cycle through (none when nothing is steered)."""
+    if cfg.steered_fraction == 0:
+        return []
+    n = max(1, cfg.distinct_specs)
+    if cfg.specs_file:
+        from benchmarks.sweep import load_specs_file
+
+        return [s for s in load_specs_file(cfg.specs_file, baseline=False).values() if s][:n]
+    if not cfg.sae:
+        raise UsageError("steered requests need --sae (or --specs-file), or --steered-fraction 0")
+    if not cfg.features:
+        raise UsageError("--features is empty")
+    return feature_specs(cfg.sae, cfg.features, n, cfg.strength, cfg.mode)
+
+
+def _prompts(cfg: BenchConfig) -> list[str]:
+    if cfg.prompts_file is None:
+        return DEFAULT_PROMPTS
+    from sae_training import read_jsonl
+
+    prompts = [
+        str(r[cfg.prompt_field])
+        for r in read_jsonl(cfg.prompts_file)
+        if isinstance(r.get(cfg.prompt_field), str)
+    ]
+    if not prompts:
+        raise UsageError(f"{cfg.prompts_file}: no '{cfg.prompt_field}' strings")
+    return prompts
+
+
+def run_bench(endpoint: EndpointOptions, cfg: BenchConfig) -> int:
+    """The whole command; returns 0, or 1 when some requests failed."""
+    mix = request_mix(cfg.num_requests, cfg.steered_fraction, _distinct_specs(cfg), seed=cfg.seed)
+    prompts = _prompts(cfg)
+    model = resolve_model(endpoint.url, endpoint.model, api_key=endpoint.key)
+    res = asyncio.run(
+        measure_throughput(
+            endpoint.url,
+            model,
+            prompts=prompts,
+            specs=mix,
+            concurrency=cfg.concurrency,
+            max_tokens=cfg.max_tokens,
+            ignore_eos=cfg.ignore_eos,
+            api_key=endpoint.key,
+            warmup=cfg.warmup,
+        )
+    )
+    print(_fmt(res))
+    if cfg.json_out:
+        atomic_write_json(cfg.json_out, res.model_dump())
+    return 0 if res.n_errors == 0 else 1
 
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-
-    def err(msg: str, code: int = 2) -> int:
-        print(f"sae-steer bench: error: {msg}", file=sys.stderr)
-        return code
-
-    if args.num_requests < 1 or args.concurrency < 1 or args.max_tokens < 1:
-        return err("--num-requests, --concurrency and --max-tokens must be >= 1")
-    try:
-        distinct: list[SteeringSpec] = []
-        if args.steered_fraction > 0:
-            if args.specs_file:
-                from benchmarks.sweep import load_specs_file
-
-                distinct = [
-                    s for s in load_specs_file(args.specs_file, baseline=False).values() if s
-                ]
-                distinct = distinct[: max(1, args.distinct_specs)]
-            elif args.sae:
-                feats = [int(x) for x in args.features.split(",") if x.strip()]
-                if not feats:
-                    return err("--features is empty")
-                distinct = feature_specs(
-                    args.sae, feats, max(1, args.distinct_specs), args.strength, args.mode
-                )
-            else:
-                return err("steered requests need --sae (or --specs-file), or --steered-fraction 0")
-        mix = request_mix(args.num_requests, args.steered_fraction, distinct, seed=args.seed)
-        prompts = DEFAULT_PROMPTS
-        if args.prompts_file:
-            from sae_training.corpus import read_jsonl
-
-            prompts = [
-                str(r[args.prompt_field])
-                for r in read_jsonl(args.prompts_file)
-                if isinstance(r.get(args.prompt_field), str)
-            ]
-            if not prompts:
-                return err(f"{args.prompts_file}: no '{args.prompt_field}' strings")
-    except ValueError as e:
-        return err(str(e))
-
-    async def run() -> ThroughputResult:
-        model = args.model
-        if model is None:
-            c = make_client(args.base_url, api_key=args.api_key, timeout_s=30)
-            try:
-                ids = await check_endpoint(c, None)
-            finally:
-                await c.close()
-            if not ids:
-                raise EndpointError(f"{args.base_url} lists no models: pass --model")
-            model = ids[0]
-        return await measure_throughput(
-            args.base_url,
-            model,
-            prompts=prompts,
-            specs=mix,
-            concurrency=args.concurrency,
-            max_tokens=args.max_tokens,
-            ignore_eos=not args.no_ignore_eos,
-            api_key=args.api_key,
-            warmup=args.warmup,
-        )
-
-    try:
-        res = asyncio.run(run())
-    except EndpointError as e:
-        return err(str(e), 3)
-    except KeyboardInterrupt:
-        return err("interrupted", 130)
-    print(_fmt(res))
-    if args.json_out:
-        args.json_out.write_text(json.dumps(res.model_dump(), indent=2) + "\n")
-    return 0 if res.n_errors == 0 else 1
+    return run_command(
+        PROG,
+        lambda: run_bench(
+            model_from_args(EndpointOptions, args), model_from_args(BenchConfig, args)
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -18,13 +18,16 @@ from typing import Any, Literal
 import openai
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from sae_steer_vllm.errors import EXIT_UNREACHABLE, SaeSteerError
 from sae_steer_vllm.spec import SteeringSpec, steering_extra_body
 
 ErrorKind = Literal["spec_rejected", "transient", "bad_response"]
 
 
-class EndpointError(RuntimeError):
+class EndpointError(SaeSteerError, RuntimeError):
     """The endpoint cannot serve this run at all (unreachable, wrong model, auth)."""
+
+    exit_code = EXIT_UNREACHABLE
 
 
 @dataclass(frozen=True)
@@ -220,3 +223,22 @@ async def check_endpoint(client: Any, model: str | None, *, attempts: int = 2) -
     if model is not None and ids and model not in ids:
         raise EndpointError(f"model {model!r} is not served at {client.base_url}; served: {ids}")
     return ids
+
+
+async def first_served_model(base_url: str, *, api_key: str = "EMPTY") -> str:
+    """The first model the server lists (what ``--model`` defaults to)."""
+    client = make_client(base_url, api_key=api_key, timeout_s=30)
+    try:
+        ids = await check_endpoint(client, None)
+    finally:
+        await client.close()
+    if not ids:
+        raise EndpointError(f"{base_url} lists no models: pass --model")
+    return ids[0]
+
+
+def resolve_model(base_url: str, model: str | None, *, api_key: str = "EMPTY") -> str:
+    """``model`` when given, else the first model served at ``base_url`` (blocking)."""
+    if model:
+        return model
+    return asyncio.run(first_served_model(base_url, api_key=api_key))

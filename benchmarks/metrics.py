@@ -59,7 +59,7 @@ def _vocab_regex(words: tuple[str, ...]) -> re.Pattern[str]:
 
 
 def default_vocab_words() -> tuple[str, ...]:
-    from sae_training.reasoning_vocab import surface_words
+    from sae_training.features.vocabulary import surface_words
 
     return tuple(surface_words())
 

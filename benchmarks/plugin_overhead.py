@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.bench_serving import DEFAULT_PROMPTS
+from sae_steer_vllm.files import atomic_write_json
 from sae_steer_vllm.serve import small_cpu_env
 
 CELLS = ("none", "all", "half", "distinct")
@@ -129,13 +130,13 @@ def main(argv: list[str] | None = None) -> int:
         child(args)
         return 0
 
-    from benchmarks.plugin_speed import _random_sae
+    from benchmarks.plugin_speed import random_speed_sae
     from sae_steer_vllm.default_model import prepare_default_model
 
     args.model = args.model or str(prepare_default_model())
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.sae is None:
-        args.sae = _random_sae(args.out.parent / "random-sae-l18")
+        args.sae = random_speed_sae(args.out.parent / "random-sae-l18")
     env = small_cpu_env({**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2"})
     runs: list[tuple[str, dict[str, list[float]]]] = []
     for kind in ("stock", "plugin", "stock"):
@@ -180,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         "plugin": plugin,
         "table_md": table,
     }
-    args.out.write_text(json.dumps(result, indent=1))
+    atomic_write_json(args.out, result, indent=1)
     print(table)
     return 0
 

@@ -19,31 +19,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import psutil
 
+from benchmarks import server_process
 from benchmarks.bench_serving import DEFAULT_PROMPTS, measure_throughput
 from sae_steer_vllm.default_model import prepare_default_model
-from sae_steer_vllm.sae import read_config
+from sae_steer_vllm.files import atomic_write_json
+from sae_steer_vllm.sae import random_sae, read_config
 from sae_steer_vllm.serve import small_cpu_env
 from sae_steer_vllm.spec import FeatureIntervention, SteeringSpec
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _tree_rss_mb(pid: int) -> float:
@@ -62,56 +52,19 @@ def _tree_rss_mb(pid: int) -> float:
     return total / 2**20
 
 
-class Server:
-    def __init__(self, cmd: list[str], port: int, log: Path) -> None:
-        self.port = port
-        self.log = log
-        # the same thread binding for both servers (sae-steer serve would pick it anyway)
-        env = small_cpu_env(
-            {
-                **os.environ,
-                "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
-            }
-        )
-        self._f = log.open("w")
-        self.proc = subprocess.Popen(
-            cmd, stdout=self._f, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-        deadline = time.monotonic() + 900
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server died; see {log}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                    return
-            except OSError:
-                time.sleep(1)
-        raise RuntimeError(f"server did not start; see {log}")
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    def stop(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self._f.close()
+RANDOM_SAE_LAYER = 18
+RANDOM_SAE_WIDTH = 16
 
 
-def _random_sae(folder: Path, d_in: int = 576, width: int = 16, layer: int = 18) -> Path:
-    import torch
-
-    from sae_steer_vllm.sae import SAE, SAEConfig
-
-    g = torch.Generator().manual_seed(0)
-    d_sae = d_in * width
-    W_dec = torch.randn(d_sae, d_in, generator=g)
-    W_dec /= W_dec.norm(dim=1, keepdim=True)
-    cfg = SAEConfig(d_in=d_in, d_sae=d_sae, architecture="standard", hook_layer=layer)
-    SAE(cfg, W_dec.T.clone(), torch.zeros(d_sae), W_dec, torch.zeros(d_in)).save(folder)
+def random_speed_sae(folder: Path, d_in: int = 576) -> Path:
+    """A random 16x SAE at layer 18: serving speed does not depend on the weights."""
+    random_sae(
+        folder,
+        d_in=d_in,
+        d_sae=RANDOM_SAE_WIDTH * d_in,
+        layer=RANDOM_SAE_LAYER,
+        with_stats=False,
+    )
     return folder
 
 
@@ -164,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model = args.model or str(prepare_default_model())
     if args.sae is None:
-        args.sae = _random_sae(args.out.parent / "random-sae-l18")
+        args.sae = random_speed_sae(args.out.parent / "random-sae-l18")
     name = Path(model).name
     cfg, _, _ = read_config(args.sae)
     feats = [0, 1, 2, 3]
@@ -206,8 +159,13 @@ def main(argv: list[str] | None = None) -> int:
         "cells": {},
     }
 
-    def run_server(kind: str) -> Server:
-        port = _free_port()
+    # the same thread binding for both servers (sae-steer serve would pick it anyway)
+    env = small_cpu_env(
+        {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
+    )
+
+    def run_server(kind: str) -> server_process.ServerProcess:
+        port = server_process.free_port()
         flags = [c.replace("{port}", str(port)) for c in common]
         if kind == "stock":
             cmd = [
@@ -231,18 +189,19 @@ def main(argv: list[str] | None = None) -> int:
                 *flags,
             ]
         print(f"[bench] starting {kind} server ...", flush=True)
-        return Server(cmd, port, args.out.with_suffix(f".{kind}.log"))
+        log = args.out.with_suffix(f".{kind}.log")
+        return server_process.launch(cmd, log, port=port, env=env, healthy_within=900)
 
     cells = results["cells"]
     # Both servers run at once and the cells alternate between them, so drift in
     # machine load hits stock and plugin alike (only one is ever busy).
     stock, plugin = run_server("stock"), run_server("plugin")
     try:
-        results["stock_rss_mb"] = _tree_rss_mb(stock.proc.pid)
-        results["plugin_rss_mb"] = _tree_rss_mb(plugin.proc.pid)
+        results["stock_rss_mb"] = _tree_rss_mb(stock.pid)
+        results["plugin_rss_mb"] = _tree_rss_mb(plugin.pid)
         for srv in (stock, plugin):  # warm-up: compile specializations, allocator
             _measure(srv.base_url, name, [None] * 16, 16, 16, 1)
-        plan: list[tuple[str, Server, list[SteeringSpec | None], int]] = []
+        plan: list[tuple[str, server_process.ServerProcess, list[SteeringSpec | None], int]] = []
         for conc in (16, 64):
             plan += [
                 (f"stock/none/{conc}", stock, [None] * conc, conc),
@@ -267,8 +226,8 @@ def main(argv: list[str] | None = None) -> int:
         for key, vals in samples.items():
             cells[key] = statistics.median(vals)
         results["samples"] = samples
-        results["stock_rss_mb_after"] = _tree_rss_mb(stock.proc.pid)
-        results["plugin_rss_mb_after"] = _tree_rss_mb(plugin.proc.pid)
+        results["stock_rss_mb_after"] = _tree_rss_mb(stock.pid)
+        results["plugin_rss_mb_after"] = _tree_rss_mb(plugin.pid)
     finally:
         stock.stop()
         plugin.stop()
@@ -295,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{results['stock_rss_mb']:.0f} vs {results['plugin_rss_mb']:.0f} MB)."
     )
     results["table_md"] = "\n".join(lines)
-    args.out.write_text(json.dumps(results, indent=1))
+    atomic_write_json(args.out, results, indent=1)
     print(results["table_md"])
     return 0
 

@@ -14,12 +14,19 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from benchmarks.grading import GraderKind
-from sae_training.corpus import BadLine, CorpusError, data_file, read_jsonl
+from sae_steer_vllm.errors import EXIT_USAGE
+from sae_training import BadLine, CorpusError, data_file, read_jsonl
 
 DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 DEFAULT_PROMPT_TEMPLATE = DEFAULT_INSTRUCTION + "\n{problem}"
 """The user message. The paper (arXiv 2503.18878, DeepSeek-R1 usage notes) puts the
 instruction in the user turn, no system prompt; we place it before the problem."""
+
+
+class ProblemSetError(CorpusError):
+    """A problem set the user named cannot be read: a usage error (nothing was sent)."""
+
+    exit_code = EXIT_USAGE
 
 
 class Problem(BaseModel):
@@ -113,7 +120,9 @@ def load_problems(
     k: GraderKind = kind or (preset.kind if preset else "math")
     if not path.is_file():
         known = ", ".join(PRESETS)
-        raise CorpusError(f"{path}: no such file (dataset is a preset: {known}; or a JSONL path)")
+        raise ProblemSetError(
+            f"{path}: no such file (dataset is a preset: {known}; or a JSONL path)"
+        )
 
     out = LoadedProblems(name=name, path=path, problems=[])
     seen: set[str] = set()

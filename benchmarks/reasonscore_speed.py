@@ -36,12 +36,12 @@ from typing import Any
 
 import torch
 
+from sae_steer_vllm.constants import SAELENS_CFG
 from sae_steer_vllm.sae import SAE, SAEConfig
-from sae_training.feature_stats import run_feature_stats
-from sae_training.masks import build_patterns, special_token_ids
-from sae_training.reasoning_vocab import load_vocabulary
-from sae_training.resid_capture import ResidPostReader, load_model
-from sae_training.token_stream import CorpusSpec, iter_batches, iter_windows
+from sae_training import ResidReader, load_model, load_vocabulary
+from sae_training.features.masks import build_patterns
+from sae_training.features.stats_pass import run_feature_stats
+from sae_training.tokens import CorpusSpec, iter_batches, iter_windows, special_token_ids
 
 FEATURE_BATCH = 48
 LAYER = 18
@@ -119,7 +119,7 @@ class AuthorsRollingMean:
 
 @torch.inference_mode()
 def authors_batches(
-    reader: ResidPostReader,
+    reader: ResidReader,
     sae: SAE,
     batches: list[torch.Tensor],
     concepts: list[list[torch.Tensor]],
@@ -137,7 +137,7 @@ def authors_batches(
         t0 = time.perf_counter()
         rm = AuthorsRollingMean(concepts, ignore_ids, (1, 2), len(feats))
         for tokens in batches:
-            h = reader(tokens)
+            h = reader(tokens)[sae.cfg.hook_layer]
             if sae.cfg.architecture == "topk":
                 acts = (sae.encode(h) * norm)[..., feats]
             else:
@@ -155,14 +155,14 @@ def authors_batches(
 
 # ---------------------------------------------------------------------- set-up
 def throwaway_sae(
-    d_in: int, d_sae: int, layer: int, reader: ResidPostReader, sample: torch.Tensor
+    d_in: int, d_sae: int, layer: int, reader: ResidReader, sample: torch.Tensor
 ) -> SAE:
     g = torch.Generator().manual_seed(0)
     W_dec = torch.randn(d_sae, d_in, generator=g)
     W_dec = W_dec / W_dec.norm(dim=1, keepdim=True)
     W_enc = W_dec.T.contiguous()
     b_dec = torch.zeros(d_in)
-    h = reader(sample).reshape(-1, d_in)
+    h = reader(sample)[layer].reshape(-1, d_in)
     pre = h @ W_enc
     b_enc = -torch.quantile(pre[: min(len(pre), 2048)], 0.99, dim=0)  # ~1% density
     cfg = SAEConfig(d_in=d_in, d_sae=d_sae, architecture="standard", hook_layer=layer)
@@ -177,11 +177,11 @@ def prepare(args: argparse.Namespace) -> tuple[Any, Any, SAE, CorpusSpec, str]:
     spec = CorpusSpec(Path(args.corpus), ctx=args.ctx, max_tokens=args.max_tokens)
     sae_dir = Path(args.sae)
     d_in = int(model.config.hidden_size)
-    if (sae_dir / "cfg.json").is_file():
+    if (sae_dir / SAELENS_CFG).is_file():
         sae = SAE.load(sae_dir)
         if sae.cfg.d_sae == WIDTH * d_in:
             return model, tok, sae, spec, f"trained SAE {sae_dir}"
-    reader = ResidPostReader(model, LAYER)
+    reader = ResidReader(model, LAYER)
     first = next(iter_windows(tok, spec))
     sae = throwaway_sae(d_in, WIDTH * d_in, LAYER, reader, torch.tensor([first.ids]))
     return model, tok, sae, spec, "throwaway calibrated random SAE (standard, ~1% density)"
@@ -211,7 +211,7 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_authors(args: argparse.Namespace) -> dict[str, Any]:
     model, tok, sae, spec, sae_desc = prepare(args)
-    reader = ResidPostReader(model, sae.cfg.hook_layer)
+    reader = ResidReader(model, sae.cfg.hook_layer)
     vp = build_patterns(tok, load_vocabulary())
     concepts = [[torch.tensor(p) for p in pats] for pats in vp.patterns]
     ignore_ids = sorted(special_token_ids(tok))

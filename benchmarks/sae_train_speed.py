@@ -22,29 +22,28 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from sae_steer_vllm.files import atomic_write_json
+from sae_training import ActivationError, DiskCache
+
 ROOT = Path(__file__).resolve().parent.parent
 SAELENS_PY = ROOT / ".venv-saelens" / "bin" / "python"
 
-# Shared by both children: read the cache's shards without importing our package.
+# Shared by both children: the same train/held-out tensors, prepared once by the parent from
+# the cache (through sae_training's cache owner), so neither child knows the cache format.
 _LOAD = r"""
 import json, resource, sys, time, torch
 from pathlib import Path
-from safetensors import safe_open
+from safetensors.torch import load_file
 a = json.loads(sys.argv[1])
 torch.manual_seed(0)
-folder = Path(a["activations"])
-meta = json.loads((folder / "meta.json").read_text())
-parts = []
-for i in range(len(meta["shards"])):
-    with safe_open(str(folder / f"shard_{i:05d}.safetensors"), framework="pt") as f:
-        parts.append(f.get_tensor(f"layer_{a['layer']}").float())
-acts = torch.cat(parts)
-train_x, eval_x = acts[: a["tokens"]].clone(), acts[-a["eval_tokens"]:].clone()
-del acts, parts
+data = load_file(a["data"])
+train_x, eval_x = data["train"], data["eval"]
+del data
 import gc; gc.collect()
 def status_mb(key):
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -76,8 +75,7 @@ def ev_l0(encode, decode, x):
 _OURS = (
     _LOAD
     + r"""
-from sae_training.activations import MemoryActivations
-from sae_training.trainer import RunOptions, TrainConfig, Trainer, export_sae
+from sae_training import MemoryActivations, RunOptions, TrainConfig, Trainer, export_sae
 import tempfile
 cfg = TrainConfig(architecture=a["arch"], d_sae=a["d_sae"], k=a["k"], l1_coeff=a["l1_coeff"], lr=a["lr"],
                   lr_decay=0.2, batch_size=a["batch_size"], train_tokens=a["tokens"], grad_clip=a["grad_clip"],
@@ -151,22 +149,35 @@ def _run_child(python: Path, code: str, args: dict[str, Any]) -> dict[str, Any]:
     raise RuntimeError(f"{python} failed (rc={r.returncode}):\n{r.stderr[-3000:]}")
 
 
+def split_activations(cache: DiskCache, tokens: int, eval_tokens: int, out: Path) -> None:
+    """The cache's first ``tokens`` activations (training) and last ``eval_tokens``
+    (held out) of its layer, saved to ``out`` for both trainers' children."""
+    import torch
+    from safetensors.torch import save_file
+
+    acts = torch.cat([cache.load_shard(i) for i in range(len(cache.meta.shards))])
+    train, held_out = acts[:tokens].clone(), acts[-eval_tokens:].clone()
+    del acts
+    save_file({"train": train, "eval": held_out}, str(out))
+
+
 def collection_speed(
     model_path: str, layer: int, tokens: int, context_size: int = 256
 ) -> dict[str, float]:
     """Our capture (stops after ``layer``) vs a plain full forward over the same rows."""
     import torch
 
-    from sae_training.activations import ResidCapture, TextMix, load_model, pack_rows
+    from sae_training import ResidReader, TextMix, load_model
+    from sae_training.tokens import pack_rows
 
-    tok, model = load_model(model_path)
+    model, tok = load_model(model_path, device="cpu")
     rows = []
     for r in pack_rows(tok, TextMix().texts(tok, "train"), context_size):
         rows.append(r)
         if len(rows) * context_size >= tokens:
             break
     ids = torch.stack(rows)
-    capture = ResidCapture(model, [layer])
+    capture = ResidReader(model, layer)
     out: dict[str, float] = {}
     for name, fn in (
         ("plain_forward", lambda b: model(input_ids=b, use_cache=False)),
@@ -217,20 +228,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "sae_train_speed.json")
     args = p.parse_args(argv)
-    meta_path = args.activations / "meta.json"
-    if not meta_path.is_file():
-        print(
-            f"{args.activations}: not an activation cache (run `sae-steer collect` first)",
-            file=sys.stderr,
-        )
+    try:
+        cache = DiskCache(args.activations, args.layer)
+    except ActivationError as e:
+        print(f"{e} (run `sae-steer collect` first)", file=sys.stderr)
         return 1
     if not SAELENS_PY.is_file():
         print("building .venv-saelens (scripts/setup_saelens_env.sh) ...", file=sys.stderr)
         subprocess.run(["bash", str(ROOT / "scripts" / "setup_saelens_env.sh")], check=True)
+    tmp = tempfile.TemporaryDirectory(prefix="sae_train_speed-")
+    data = Path(tmp.name) / "activations.safetensors"
+    split_activations(cache, args.tokens, args.eval_tokens, data)
     results: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "rows": []}
     for arch in args.arch:
         child = {
-            "activations": str(args.activations),
+            "data": str(data),
             "layer": args.layer,
             "tokens": args.tokens,
             "eval_tokens": args.eval_tokens,
@@ -252,11 +264,10 @@ def main(argv: list[str] | None = None) -> int:
             res = _run_child(py, code, child)
             results["rows"].append({"arch": arch, "trainer": name, **res})
             print(f"[bench] {arch} {name}: {json.dumps(res)}", file=sys.stderr, flush=True)
+    tmp.cleanup()
     if args.collect_tokens:
-        model = json.loads(meta_path.read_text())["model"]
-        results["collection"] = collection_speed(model, args.layer, args.collect_tokens)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
+        results["collection"] = collection_speed(cache.meta.model, args.layer, args.collect_tokens)
+    atomic_write_json(args.out, results)
     print(markdown_table(results))
     return 0
 

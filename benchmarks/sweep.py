@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from sae_steer_vllm.errors import UsageError
 from sae_steer_vllm.spec import (
     FeatureIntervention,
     Mode,
@@ -27,8 +28,8 @@ BASELINE = "baseline"
 SpecMap = dict[str, SteeringSpec | None]
 
 
-class SpecFileError(ValueError):
-    """A spec file that cannot be used; the message names file and entry."""
+class SpecFileError(UsageError):
+    """A spec file (or spec options) that cannot be used; the message names file and entry."""
 
 
 class NamedSpec(BaseModel):

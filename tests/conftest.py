@@ -9,21 +9,18 @@ from __future__ import annotations
 
 import os
 import shlex
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from benchmarks import server_process
 from sae_steer_vllm.default_model import prepare_default_model
+from sae_steer_vllm.sae import random_sae
 from sae_steer_vllm.serve import small_cpu_env
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 @pytest.fixture(autouse=True)
@@ -61,45 +58,20 @@ class SteerServer:
         return self.base_url.rsplit("/v1", 1)[0]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-5000:]}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(1.0)
-    raise RuntimeError(f"server not healthy after {timeout}s:\n{log.read_text()[-5000:]}")
-
-
 @pytest.fixture(scope="session")
 def steer_server(
     default_model: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[SteerServer]:
-    from steering_reference import make_random_sae
-
     root = tmp_path_factory.mktemp("server")
     sae = root / "sae-l18"
-    make_random_sae(sae, d_in=576, d_sae=1024, layer=18)
+    random_sae(sae, d_in=576, d_sae=1024, layer=18)
     topk = root / "sae-topk-l10"
-    make_random_sae(topk, d_in=576, d_sae=512, layer=10, architecture="topk", with_stats=False)
+    random_sae(topk, d_in=576, d_sae=512, layer=10, architecture="topk", with_stats=False)
     # Threshold 4.0 sits inside the layer-14 pre-activation range of this SAE's first
     # features on real text, so an exactness test fails if the plugin ignores it.
     jr = root / "sae-jumprelu-l14"
-    make_random_sae(
-        jr, d_in=576, d_sae=256, layer=14, architecture="jumprelu", seed=3, threshold=4.0
-    )
-    port = _free_port()
+    random_sae(jr, d_in=576, d_sae=256, layer=14, architecture="jumprelu", seed=3, threshold=4.0)
+    port = server_process.free_port()
     log = root / "server.log"
     max_interventions = 8
     cmd = [
@@ -137,14 +109,10 @@ def steer_server(
     cmd = shlex.split(printed.strip().splitlines()[-1])
     assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"], cmd
     env = small_cpu_env({**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2"})
-    with log.open("w") as f:
-        proc = subprocess.Popen(
-            cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
+    srv = server_process.launch(cmd, log, port=port, env=env, healthy_within=900)
     try:
-        _wait_healthy(f"http://127.0.0.1:{port}", proc, log, timeout=900)
         yield SteerServer(
-            base_url=f"http://127.0.0.1:{port}/v1",
+            base_url=srv.base_url,
             model=default_model.name,
             model_path=default_model,
             sae_name="test-sae",
@@ -157,8 +125,4 @@ def steer_server(
             log_path=log,
         )
     finally:
-        os.killpg(proc.pid, 15)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
+        srv.stop()

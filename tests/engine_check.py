@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from steering_reference import reference_prompt_logprobs  # noqa: E402
+from helpers.steering import reference_prompt_logprobs
 
 from sae_steer_vllm.spec import SteeringSpec  # noqa: E402
 

@@ -43,8 +43,8 @@ def test_imports_only_flow_downward() -> None:
             for root, line in sorted(_imported_roots(path)):
                 if root in higher:
                     upward.append(f"{path.relative_to(REPO)}:{line} imports {root}")
-    assert not upward, "upward imports (benchmarks -> sae_training -> sae_steer_vllm):\n" + "\n".join(
-        upward
+    assert not upward, (
+        "upward imports (benchmarks -> sae_training -> sae_steer_vllm):\n" + "\n".join(upward)
     )
 
 

@@ -15,12 +15,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from reasonscore_fixtures import make_sae, make_tiny_model, trace_records, write_jsonl
+from helpers.corpora import trace_records, write_jsonl
+from helpers.models import make_tiny_model
+from helpers.saes import make_sae
 
 from sae_steer_vllm.sae import SAEFormatError
-from sae_training import FeatureStats, build_dashboard, ranked_rows, write_ranked_table
+from sae_training import FeatureStats, build_dashboard, write_ranked_table
 from sae_training.features.dashboard_html import _fmt
 from sae_training.features.logit_lens import load_unembedding, logit_lens
+from sae_training.features.ranked_table import ranked_rows
 from sae_training.features.token_dependence import TokenDependence
 
 TOP_K = 4

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from steering_reference import make_tiny_qwen2
+from helpers.models import make_tiny_qwen2
 
 from sae_steer_vllm.sae import random_sae
 

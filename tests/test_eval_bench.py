@@ -6,9 +6,10 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from eval_fakes import FakeServer, free_port
+from helpers.fake_endpoint import FakeServer
 
 from benchmarks.bench_serving import feature_specs, main, measure_throughput, request_mix
+from benchmarks.server_process import free_port
 
 
 def test_request_mix_and_distinct_specs() -> None:

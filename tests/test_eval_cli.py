@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from eval_fakes import FakeModel, FakeServer, free_port, make_problems
+from helpers.fake_endpoint import FakeModel, FakeServer, make_problems
 
 from benchmarks.eval import main
+from benchmarks.server_process import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 

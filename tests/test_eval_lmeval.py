@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from eval_fakes import FakeServer, make_problems
+from helpers.fake_endpoint import FakeServer, make_problems
 
 from sae_steer_vllm.spec import FeatureIntervention, SteeringSpec
 

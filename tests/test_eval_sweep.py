@@ -11,15 +11,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from eval_fakes import FakeModel, FakeServer, make_problems
+from helpers.fake_endpoint import FakeModel, FakeServer, make_problems
 
 from benchmarks.client import EndpointError, RetryPolicy
 from benchmarks.grading import Grader
 from benchmarks.problems import DEFAULT_INSTRUCTION, load_problems
 from benchmarks.report import write_report
 from benchmarks.results import SAMPLES_FILE, read_log
-from benchmarks.runner import SamplingConfig, SweepConfigError, run_sweep, run_sweep_async
-from benchmarks.sweep import BASELINE, grid_specs, load_specs_file
+from benchmarks.runner import (
+    SamplingConfig,
+    SweepConfigError,
+    SweepResult,
+    run_sweep,
+    run_sweep_async,
+)
+from benchmarks.sweep import BASELINE, SpecMap, grid_specs, load_specs_file
 
 FAST = RetryPolicy(max_attempts=3, base_delay_s=0.01, max_delay_s=0.05)
 
@@ -34,24 +40,43 @@ def _lines(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _sweep(
+    srv: FakeServer,
+    problems: list[Any],
+    specs: SpecMap,
+    out_dir: Path,
+    grader: Grader,
+    **kw: Any,
+) -> SweepResult:
+    """``run_sweep`` against the fake's model, with the shared grader and no progress bar."""
+    return run_sweep(
+        srv.base_url,
+        "fake-model",
+        problems,
+        specs,
+        out_dir=out_dir,
+        grader=grader,
+        progress=False,
+        **kw,
+    )
+
+
 def test_sweep_sends_specs_seeds_and_logs_every_sample(tmp_path: Path, grader: Grader) -> None:
     problems = make_problems(3)
     specs = grid_specs("fake-sae", [3], [1.0, 4.0])
     with FakeServer() as srv:
-        res = run_sweep(
-            srv.base_url,
-            "fake-model",
+        res = _sweep(
+            srv,
             problems,
             specs,
-            out_dir=tmp_path,
+            tmp_path,
+            grader,
             dataset="toy",
             samples=2,
             max_tokens=256,
             temperature=0.7,
             seed=10,
             concurrency=4,
-            grader=grader,
-            progress=False,
             retry=FAST,
         )
         sent = list(srv.requests)
@@ -92,15 +117,13 @@ def test_sweep_sends_specs_seeds_and_logs_every_sample(tmp_path: Path, grader: G
 
 def test_concurrency_is_bounded(tmp_path: Path, grader: Grader) -> None:
     with FakeServer(FakeModel(delay_s=0.08)) as srv:
-        run_sweep(
-            srv.base_url,
-            "fake-model",
+        _sweep(
+            srv,
             make_problems(12),
             {BASELINE: None},
-            out_dir=tmp_path,
+            tmp_path,
+            grader,
             concurrency=3,
-            grader=grader,
-            progress=False,
         )
         assert 2 <= srv.max_in_flight <= 3
 
@@ -108,15 +131,13 @@ def test_concurrency_is_bounded(tmp_path: Path, grader: Grader) -> None:
 def test_bad_spec_is_reported_and_sweep_continues(tmp_path: Path, grader: Grader) -> None:
     specs = grid_specs("fake-sae", [3, 5000], [2.0])
     with FakeServer() as srv:
-        res = run_sweep(
-            srv.base_url,
-            "fake-model",
+        res = _sweep(
+            srv,
             make_problems(4),
             specs,
-            out_dir=tmp_path,
+            tmp_path,
+            grader,
             concurrency=1,
-            grader=grader,
-            progress=False,
             retry=FAST,
         )
         bad_json = specs["f5000_clamp_s2"]
@@ -141,17 +162,19 @@ def test_bad_spec_is_reported_and_sweep_continues(tmp_path: Path, grader: Grader
 def test_transient_errors_are_retried(tmp_path: Path, grader: Grader) -> None:
     fake = FakeModel(fail_first={"P0": 2, "P1": 100})
     with FakeServer(fake) as srv:
-        res = run_sweep(
-            srv.base_url,
-            "fake-model",
-            make_problems(3),
-            {BASELINE: None},
-            out_dir=tmp_path,
-            concurrency=1,
-            grader=grader,
-            progress=False,
-            retry=FAST,
-        )
+
+        def sweep() -> SweepResult:
+            return _sweep(
+                srv,
+                make_problems(3),
+                {BASELINE: None},
+                tmp_path,
+                grader,
+                concurrency=1,
+                retry=FAST,
+            )
+
+        res = sweep()
         by = {r.problem_id: r for r in res.records}
         assert by["p0"].ok and by["p0"].attempts == 3  # two 503s, then an answer
         assert not by["p1"].ok and by["p1"].error_kind == "transient"
@@ -160,17 +183,7 @@ def test_transient_errors_are_retried(tmp_path: Path, grader: Grader) -> None:
         # the failed sample is redone by resume once the server recovers
         fake.fail_first["P1"] = 0
         n_before = len(srv.requests)
-        res2 = run_sweep(
-            srv.base_url,
-            "fake-model",
-            make_problems(3),
-            {BASELINE: None},
-            out_dir=tmp_path,
-            concurrency=1,
-            grader=grader,
-            progress=False,
-            retry=FAST,
-        )
+        res2 = sweep()
         assert len(srv.requests) - n_before == 1
     assert res2.n_errors == 0 and res2.n_new == 1 and res2.n_resumed == 2
     assert all(r.ok for r in read_log(tmp_path / SAMPLES_FILE).records.values())
@@ -178,14 +191,12 @@ def test_transient_errors_are_retried(tmp_path: Path, grader: Grader) -> None:
 
 def test_completion_without_box_is_wrong_and_kept(tmp_path: Path, grader: Grader) -> None:
     with FakeServer() as srv:
-        res = run_sweep(
-            srv.base_url,
-            "fake-model",
+        res = _sweep(
+            srv,
             make_problems(2, nobox=1),
             {BASELINE: None},
-            out_dir=tmp_path,
-            grader=grader,
-            progress=False,
+            tmp_path,
+            grader,
         )
     rec = next(r for r in res.records if r.problem_id == "p1")
     assert rec.ok and not rec.correct
@@ -228,21 +239,18 @@ def test_interrupted_run_resumes_without_loss_or_duplicates(tmp_path: Path, grad
     specs = grid_specs("fake-sae", [3], [1.0])
     cfg = SamplingConfig(samples=2, max_tokens=128)
     log_path = tmp_path / SAMPLES_FILE
+    kw: dict[str, Any] = {
+        "out_dir": tmp_path,
+        "sampling": cfg,
+        "concurrency": 2,
+        "grader": grader,
+        "progress": False,
+    }
     with FakeServer(FakeModel(delay_s=0.05)) as srv:
 
         async def interrupted() -> None:
             task = asyncio.create_task(
-                run_sweep_async(
-                    srv.base_url,
-                    "fake-model",
-                    problems,
-                    specs,
-                    out_dir=tmp_path,
-                    sampling=cfg,
-                    concurrency=2,
-                    grader=grader,
-                    progress=False,
-                )
+                run_sweep_async(srv.base_url, "fake-model", problems, specs, **kw)
             )
             for _ in range(500):
                 if _count_lines(log_path) >= 5:
@@ -258,17 +266,7 @@ def test_interrupted_run_resumes_without_loss_or_duplicates(tmp_path: Path, grad
         with log_path.open("a") as f:  # a crash in the middle of a write
             f.write('{"dataset": "custom", "problem_id": "p5", "spec_na')
         n_before = len(srv.requests)
-        res = run_sweep(
-            srv.base_url,
-            "fake-model",
-            problems,
-            specs,
-            out_dir=tmp_path,
-            sampling=cfg,
-            concurrency=2,
-            grader=grader,
-            progress=False,
-        )
+        res = run_sweep(srv.base_url, "fake-model", problems, specs, **kw)
         resent = len(srv.requests) - n_before
     lines = _lines(log_path)  # every line parses: the torn tail was cut
     keys = Counter((r["problem_id"], r["spec_name"], r["sample_index"]) for r in lines)
@@ -297,28 +295,23 @@ def test_resume_guards(tmp_path: Path, grader: Grader) -> None:
 
 
 def test_unreachable_and_wrong_model(tmp_path: Path, grader: Grader) -> None:
-    from eval_fakes import free_port
+    from benchmarks.server_process import free_port
+
+    def sweep(base_url: str, model: str, out: str) -> SweepResult:
+        return run_sweep(
+            base_url,
+            model,
+            make_problems(1),
+            {BASELINE: None},
+            out_dir=tmp_path / out,
+            grader=grader,
+            progress=False,
+        )
 
     with pytest.raises(EndpointError, match="cannot reach"):
-        run_sweep(
-            f"http://127.0.0.1:{free_port()}/v1",
-            "m",
-            make_problems(1),
-            {BASELINE: None},
-            out_dir=tmp_path / "a",
-            grader=grader,
-            progress=False,
-        )
+        sweep(f"http://127.0.0.1:{free_port()}/v1", "m", "a")
     with FakeServer() as srv, pytest.raises(EndpointError, match="not served"):
-        run_sweep(
-            srv.base_url,
-            "other",
-            make_problems(1),
-            {BASELINE: None},
-            out_dir=tmp_path / "b",
-            grader=grader,
-            progress=False,
-        )
+        sweep(srv.base_url, "other", "b")
 
 
 def test_server_dying_mid_run_stops_the_sweep(tmp_path: Path, grader: Grader) -> None:
@@ -332,15 +325,13 @@ def test_server_dying_mid_run_stops_the_sweep(tmp_path: Path, grader: Grader) ->
         return fake.respond(body)
 
     with FakeServer(respond=respond) as srv, pytest.raises(EndpointError, match="stopped"):
-        run_sweep(
-            srv.base_url,
-            "fake-model",
+        _sweep(
+            srv,
             make_problems(30),
             {BASELINE: None},
-            out_dir=tmp_path,
+            tmp_path,
+            grader,
             concurrency=1,
-            grader=grader,
-            progress=False,
             retry=RetryPolicy(max_attempts=1),
             abort_after_conn_failures=3,
         )
@@ -373,15 +364,13 @@ def test_unsteered_request_refused_stops_the_run(tmp_path: Path, grader: Grader)
     """A 400 on the baseline is not a spec problem: stop with the server's reason."""
     with FakeServer(FakeModel(refuse_seed=True)) as srv:
         with pytest.raises(EndpointError, match="unsteered requests too.*seed"):
-            run_sweep(
-                srv.base_url,
-                "fake-model",
+            _sweep(
+                srv,
                 make_problems(5),
                 grid_specs("fake-sae", [3], [1.0]),
-                out_dir=tmp_path,
+                tmp_path,
+                grader,
                 seed=0,
                 concurrency=1,
-                grader=grader,
-                progress=False,
             )
         assert len(srv.requests) <= 2

@@ -6,7 +6,7 @@ import json
 import time
 
 import pytest
-from eval_fakes import sleepy_check
+from helpers.fake_endpoint import sleepy_check
 
 from benchmarks.grading import (
     Grader,
@@ -19,7 +19,7 @@ from benchmarks.grading import (
     normalize_for_vote,
     parse_number,
 )
-from sae_training.corpus import data_file
+from sae_training import data_file
 
 
 # ------------------------------------------------------------------ extraction

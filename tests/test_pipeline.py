@@ -16,17 +16,20 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.runner import run_sweep
-from benchmarks.sweep import BASELINE, load_specs_file
-from sae_training.demo_study import (
+from benchmarks.demo import (
+    DemoConfig,
+    PipelineError,
     ReportContext,
     analyse,
     choose_random_features,
+    load_config,
+    main,
     make_design,
     plot_study,
     write_study_report,
 )
-from sae_training.pipeline import DemoConfig, PipelineError, load_config, main
+from benchmarks.runner import run_sweep
+from benchmarks.sweep import BASELINE, load_specs_file
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
@@ -105,7 +108,7 @@ def test_study_report_from_a_scripted_server(tmp_path: Path) -> None:
     The fake makes every steered completion longer and wordier, so the steered arms must
     come out higher than baseline with CIs above zero, and top vs random must be ~0.
     """
-    from eval_fakes import FakeModel, FakeServer, make_problems
+    from helpers.fake_endpoint import FakeModel, FakeServer, make_problems
 
     problems = make_problems(12)
     design = make_design("fake-sae", [5, 9], [100, 200], [1.0, 2.0], "clamp")
@@ -174,7 +177,7 @@ def test_demo_pipeline_tiny_end_to_end(
     steer_server, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from sae_steer_vllm.sae import SAE, STATS_FILE
-    from sae_training.feature_stats import FeatureStats
+    from sae_training import FeatureStats
 
     out = tmp_path / "demo"
     argv = [

@@ -18,14 +18,9 @@ from typing import Any
 
 import pytest
 import torch
-from reasonscore_fixtures import (
-    EDGE_TEXTS,
-    TINY_LAYER,
-    make_sae,
-    make_tiny_model,
-    trace_records,
-    write_jsonl,
-)
+from helpers.corpora import EDGE_TEXTS, trace_records, write_jsonl
+from helpers.models import TINY_LAYER, make_tiny_model
+from helpers.saes import make_sae
 
 from sae_steer_vllm.sae import SAE, load_max_activation
 from sae_training.features.feature_stats import FeatureStats

@@ -9,7 +9,9 @@ from typing import Any
 
 import pytest
 import torch
-from reasonscore_fixtures import TINY_LAYER, make_sae, make_tiny_model, write_jsonl
+from helpers.corpora import write_jsonl
+from helpers.models import TINY_LAYER, make_tiny_model
+from helpers.saes import make_sae
 
 from sae_steer_vllm.cli import main as cli_main
 from sae_steer_vllm.constants import TABLE_CSV, TABLE_JSON
@@ -178,7 +180,7 @@ def test_token_detector_is_flagged(model_dir: Path, tmp_path: Path) -> None:
 
 
 def test_inject_puts_vocabulary_at_sentence_starts() -> None:
-    from reasonscore_fixtures import default_tokenizer_dir
+    from helpers.models import default_tokenizer_dir
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(default_tokenizer_dir()))

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from reasonscore_fixtures import write_jsonl
+from helpers.corpora import write_jsonl
 
 from sae_training.tokens import CorpusSpec, StreamReport, iter_batches, iter_windows
 

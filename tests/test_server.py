@@ -264,7 +264,7 @@ def _prefix_hits(server: Any) -> float:
 
 def test_prompt_logprobs_match_transformers(steer_server: Any) -> None:
     """Exactness through the HTTP server (torch.compile mode), clamp and add, float32."""
-    from steering_reference import reference_prompt_logprobs
+    from helpers.steering import reference_prompt_logprobs
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(steer_server.model_path))

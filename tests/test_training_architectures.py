@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from training_fixtures import one_thread, synthetic_acts
+from helpers.activations import one_thread, synthetic_acts
 
 from sae_steer_vllm.sae import SAE
 from sae_training import MemoryActivations

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from training_fixtures import make_tiny_llama, one_thread, write_corpus
+from helpers.activations import one_thread
+from helpers.corpora import write_corpus
+from helpers.models import make_tiny_llama
 
 from sae_steer_vllm.sae import SAE
 from sae_training import DEFAULT_RECIPE, collect, train, train_default_sae

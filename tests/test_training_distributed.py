@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from training_fixtures import synthetic_acts, write_cache
+from helpers.activations import synthetic_acts, write_cache
 
 from sae_steer_vllm.sae import SAE
 

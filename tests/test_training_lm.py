@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from training_fixtures import synthetic_acts, write_cache
+from helpers.activations import synthetic_acts, write_cache
 
 from sae_steer_vllm.default_model import default_model_dir
 from sae_training import CollectConfig, TextMix, cache_matches, find_matching_cache

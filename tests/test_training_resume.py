@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from training_fixtures import one_thread, synthetic_acts
+from helpers.activations import one_thread, synthetic_acts
 
 from sae_training import MemoryActivations, TrainJob, run_training
 from sae_training.trainer import (

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.activations import one_thread, synthetic_acts
 from safetensors.torch import load_file, save_file
-from training_fixtures import one_thread, synthetic_acts
 
 from sae_steer_vllm.sae import SAE
 from sae_training import MemoryActivations

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from reasonscore_fixtures import write_jsonl
+from helpers.corpora import write_jsonl
 
 from sae_training.features.masks import build_patterns, group_key
 from sae_training.features.vocab_cli import main

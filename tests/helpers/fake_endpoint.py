@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -25,15 +24,10 @@ from typing import Any
 
 from benchmarks.grading import Grade, GraderKind
 from benchmarks.problems import Problem
+from benchmarks.server_process import free_port
 from sae_steer_vllm.spec import FeatureIntervention, SteeringSpec
 
 Reply = tuple[int, dict[str, Any]]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def make_problems(n: int, *, nobox: int | None = None) -> list[Problem]:

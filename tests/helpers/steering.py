@@ -1,9 +1,8 @@
-"""Test helpers for the serving tests: a small model built locally, and a
-plain-transformers reference that applies the same interventions to resid_post.
+"""A plain-transformers reference for steered prompt logprobs (the serving tests' oracle).
 
 The reference deliberately does NOT reuse the plugin's math: it encodes with
-``SAE.encode``, sets the feature, decodes, and adds the SAE error back, the
-way the paper defines ``clamp``.
+``SAE.encode``, sets the feature, decodes, and adds the SAE error back, the way the
+paper defines ``clamp``.
 """
 
 from __future__ import annotations
@@ -14,44 +13,8 @@ from typing import Any
 
 import torch
 
-from sae_steer_vllm.sae import SAE, load_max_activation, random_sae
+from sae_steer_vllm.sae import SAE, load_max_activation
 from sae_steer_vllm.spec import FeatureIntervention, SteeringSpec, VectorIntervention
-
-make_random_sae = random_sae
-"""The one random-SAE builder (:func:`sae_steer_vllm.sae.random_sae`), under its old test name."""
-
-
-def make_tiny_qwen2(folder: Path, *, seed: int = 0) -> Path:
-    """A random-weight Qwen2 small enough to start vLLM in seconds (tokenizer: the default model's)."""
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
-
-    from sae_steer_vllm.default_model import prepare_default_model
-
-    if (folder / "config.json").is_file():
-        return folder
-    torch.manual_seed(seed)
-    tok = AutoTokenizer.from_pretrained(str(prepare_default_model()))
-    cfg = Qwen2Config(
-        vocab_size=len(tok),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        tie_word_embeddings=False,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
-    model = Qwen2ForCausalLM(cfg)
-    # larger-than-default init so outputs depend visibly on steering
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.08)
-    model.save_pretrained(str(folder), safe_serialization=True)
-    tok.save_pretrained(str(folder))
-    return folder
 
 
 def _targets(spec: SteeringSpec, saes: dict[str, SAE], max_acts: dict[str, torch.Tensor]) -> list:

