@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING
 from sae_steer_vllm.lazy import lazy_exports
 
 if TYPE_CHECKING:
-    from benchmarks.bench_serving import measure_throughput, request_mix
+    from benchmarks.bench_serving import feature_specs, measure_throughput, request_mix
     from benchmarks.client import EndpointError
     from benchmarks.demo import DemoConfig, run_demo
-    from benchmarks.grading import Grader, extract_answer
+    from benchmarks.grading import Grader, check_extracted, extract_answer
     from benchmarks.problems import Problem, load_problems
     from benchmarks.report import write_report
     from benchmarks.runner import SamplingConfig, SweepConfigError, run_sweep, run_sweep_async
@@ -38,10 +38,12 @@ _EXPORTS = {
     "SpecFileError": "benchmarks.sweep",
     "Grader": "benchmarks.grading",
     "extract_answer": "benchmarks.grading",
+    "check_extracted": "benchmarks.grading",
     "write_report": "benchmarks.report",
     "EndpointError": "benchmarks.client",
     "measure_throughput": "benchmarks.bench_serving",
     "request_mix": "benchmarks.bench_serving",
+    "feature_specs": "benchmarks.bench_serving",
     "run_demo": "benchmarks.demo",
     "DemoConfig": "benchmarks.demo",
 }
@@ -55,7 +57,9 @@ __all__ = [
     "SamplingConfig",
     "SpecFileError",
     "SweepConfigError",
+    "check_extracted",
     "extract_answer",
+    "feature_specs",
     "grid_specs",
     "load_problems",
     "load_specs_file",

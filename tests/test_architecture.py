@@ -9,6 +9,9 @@ command table names higher modules as strings and imports them only on dispatch.
 from __future__ import annotations
 
 import ast
+import importlib
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -63,3 +66,23 @@ def test_no_module_over_500_lines(package: str) -> None:
         if (n := len(p.read_text().splitlines())) > MAX_LINES
     }
     assert not long, f"split these modules (> {MAX_LINES} lines): {long}"
+
+
+@pytest.mark.parametrize("package", [*LAYERS, "benchmarks.demo", "sae_steer_vllm.sae"])
+def test_every_public_name_resolves(package: str) -> None:
+    """Each package's ``__all__`` is its public API; a lazy export pointing at a moved
+    module would otherwise fail only when a user first touches the name."""
+    mod = importlib.import_module(package)
+    missing = [n for n in mod.__all__ if getattr(mod, n, None) is None]
+    assert not missing, f"{package}.__all__ names that do not resolve: {missing}"
+
+
+def test_importing_the_packages_stays_light() -> None:
+    """``import sae_steer_vllm`` runs in every vLLM process and ``sae-steer eval --help``
+    must answer at once: the package roots import neither torch nor vLLM."""
+    code = (
+        "import sys, sae_steer_vllm, sae_training, benchmarks; "
+        "bad = [m for m in ('torch', 'vllm', 'transformers', 'matplotlib') if m in sys.modules]; "
+        "sys.exit(f'imported {bad}' if bad else 0)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)

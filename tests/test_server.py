@@ -228,15 +228,15 @@ def test_concurrent_isolation(steer_server: Any) -> None:
     assert sum(mixed[i] != plain[i] for i in range(0, 18, 2)) >= 5
 
 
-def _prompt_logprobs(
-    server: Any, ids: list[int], spec: SteeringSpec | None, salt: str | None = None
-) -> list[float]:
+def _completion(
+    server: Any, ids: list[int], spec: SteeringSpec | None, salt: str | None, **params: Any
+) -> dict[str, Any]:
+    """POST /v1/completions on token ids with greedy sampling; the first choice."""
     body: dict[str, Any] = {
         "model": server.model,
         "prompt": ids,
-        "max_tokens": 1,
         "temperature": 0,
-        "prompt_logprobs": 0,
+        **params,
         **steering_extra_body(spec),
     }
     if salt:
@@ -247,7 +247,14 @@ def _prompt_logprobs(
         headers={"Content-Type": "application/json"},
     )
     with urllib.request.urlopen(req, timeout=300) as r:
-        lps = json.loads(r.read())["choices"][0]["prompt_logprobs"]
+        choice: dict[str, Any] = json.loads(r.read())["choices"][0]
+    return choice
+
+
+def _prompt_logprobs(
+    server: Any, ids: list[int], spec: SteeringSpec | None, salt: str | None = None
+) -> list[float]:
+    lps = _completion(server, ids, spec, salt, max_tokens=1, prompt_logprobs=0)["prompt_logprobs"]
     return [float(lps[t][str(ids[t])]["logprob"]) for t in range(1, len(ids))]
 
 
@@ -302,24 +309,8 @@ def _gen_logprobs(
 ) -> list[float]:
     """Logprobs of 6 greedy generated tokens: they read the prompt's KV (prompt_logprobs
     requests bypass the prefix cache, so they cannot test it)."""
-    body: dict[str, Any] = {
-        "model": server.model,
-        "prompt": ids,
-        "max_tokens": 6,
-        "temperature": 0,
-        "logprobs": 1,
-        "ignore_eos": True,
-        **steering_extra_body(spec),
-    }
-    if salt:
-        body["cache_salt"] = salt
-    req = urllib.request.Request(
-        server.base_url + "/completions",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(req, timeout=300) as r:
-        return [float(x) for x in json.loads(r.read())["choices"][0]["logprobs"]["token_logprobs"]]
+    choice = _completion(server, ids, spec, salt, max_tokens=6, logprobs=1, ignore_eos=True)
+    return [float(x) for x in choice["logprobs"]["token_logprobs"]]
 
 
 def test_prefix_cache_isolation(steer_server: Any) -> None:

@@ -7,6 +7,8 @@ they must not be 1, and the statistics must handle features that never fire.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from sae_steer_vllm.sae import SAE, SAEConfig
@@ -39,11 +41,7 @@ def make_sae(
         threshold = torch.rand(d_sae, generator=g) * 0.2
     for i in dead:
         b_enc[i] = -1e4
-    cfg = SAEConfig(
-        d_in=d_in,
-        d_sae=d_sae,
-        architecture=architecture,  # type: ignore[arg-type]
-        hook_layer=layer,
-        k=k if architecture == "topk" else None,
-    )
+    topk: dict[str, Any] = {"k": k} if architecture == "topk" else {}
+    arch: Any = architecture
+    cfg = SAEConfig(d_in=d_in, d_sae=d_sae, architecture=arch, hook_layer=layer, **topk)
     return SAE(cfg, W_enc, b_enc, W_dec, b_dec, threshold)
