@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from sae_steer_vllm.constants import SAELENS_CFG
+from sae_steer_vllm.constants import SAELENS_CFG, TRACE_CORPUS
 from sae_steer_vllm.sae import SAE, SAEConfig
 from sae_training import ResidReader, load_model, load_vocabulary
 from sae_training.features.masks import build_patterns
@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--model", default=None, help="HF model folder (default: the default model)")
     p.add_argument("--sae", default="runs/default-sae", help="SAE folder (16x width) if trained")
-    p.add_argument("--corpus", default="reasoning_traces.jsonl")
+    p.add_argument("--corpus", default=TRACE_CORPUS)
     p.add_argument("--max-tokens", type=int, default=8192)
     p.add_argument("--ctx", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward (both methods)")

@@ -54,6 +54,11 @@ DEMO_STATE_FILE = "steps.json"
 SERVER_FILE = "server.json"
 SERVER_LOG = "server.log"
 
+# ---------------------------------------------------------------- the default model
+# owner: sae_steer_vllm.default_model
+DEFAULT_MODEL_MARKER = ".sae-steer-complete"
+"""Written last into a converted default-model folder: its presence means the conversion finished."""
+
 # ---------------------------------------------------------------- shared data
 CHAT_CORPUS = "chat.jsonl"
 TRACE_CORPUS = "reasoning_traces.jsonl"

@@ -15,11 +15,11 @@ import shutil
 from pathlib import Path
 
 from .command import CommandConfig, run_model_command
+from .constants import DEFAULT_MODEL_MARKER
 from .errors import SaeSteerError
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_DONE_MARKER = ".sae-steer-complete"
 
 
 def cache_root() -> Path:
@@ -54,7 +54,7 @@ def find_gguf() -> Path:
 def prepare_default_model(out_dir: Path | None = None, force: bool = False) -> Path:
     """Convert the GGUF to ``out_dir`` (idempotent: a finished folder is reused)."""
     out = Path(out_dir) if out_dir else default_model_dir()
-    if (out / _DONE_MARKER).is_file() and not force:
+    if (out / DEFAULT_MODEL_MARKER).is_file() and not force:
         return out
     gguf = find_gguf()
     import torch
@@ -88,7 +88,7 @@ def prepare_default_model(out_dir: Path | None = None, force: bool = False) -> P
     cfg = json.loads((tmp / "config.json").read_text())
     if cfg.get("architectures") != ["LlamaForCausalLM"]:
         raise DefaultModelError(f"unexpected architectures {cfg.get('architectures')}")
-    (tmp / _DONE_MARKER).write_text(str(gguf))
+    (tmp / DEFAULT_MODEL_MARKER).write_text(str(gguf))
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

@@ -16,14 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from helpers.steering import reference_prompt_logprobs
 
-from sae_steer_vllm.spec import SteeringSpec  # noqa: E402
+from sae_steer_vllm.spec import SteeringSpec
 
 PROMPTS = [
     "The capital of France is",
