@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import random
+import sys
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import openai
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from sae_steer_vllm.errors import EXIT_UNREACHABLE, SaeSteerError
-from sae_steer_vllm.spec import SteeringSpec, steering_extra_body
+from sae_steer_vllm.errors import EXIT_UNREACHABLE, SaeSteerError, UsageError
+from sae_steer_vllm.sae_api import SAES_PATH, SAEList, check_spec_against
+from sae_steer_vllm.spec import SteeringSpec, SteeringSpecError, steering_extra_body
 
 ErrorKind = Literal["spec_rejected", "transient", "bad_response"]
 
@@ -242,3 +245,56 @@ def resolve_model(base_url: str, model: str | None, *, api_key: str = "EMPTY") -
     if model:
         return model
     return asyncio.run(first_served_model(base_url, api_key=api_key))
+
+
+# ---------------------------------------------------- what the server can steer with
+def _notice(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+async def fetch_sae_list(client: Any, *, notice: Callable[[str], None] = _notice) -> SAEList | None:
+    """``GET /v1/saes`` as an :class:`SAEList`; None, after a one-line ``notice``, when the
+    server has no such endpoint (stock vLLM, other servers) or answers something else."""
+    where = f"{str(client.base_url).rstrip('/')}/{SAES_PATH.rsplit('/', 1)[1]}"
+    skip = f"{where}: {{}}; skipping the spec pre-check (the server will judge each spec)"
+    try:
+        raw = await client.get(SAES_PATH.rsplit("/", 1)[1], cast_to=object)
+    except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
+        raise EndpointError(f"{where}: {status_message(e)}") from None
+    except openai.APIStatusError as e:
+        notice(skip.format(f"HTTP {e.status_code}, not an sae-steer server"))
+        return None
+    except openai.APIError as e:  # connection trouble, a body that is not JSON
+        notice(skip.format(type(e).__name__))
+        return None
+    try:
+        return SAEList.model_validate(raw)
+    except ValidationError:
+        notice(skip.format("not an sae-steer listing"))
+        return None
+
+
+def check_sweep_against(specs: Mapping[str, SteeringSpec | None], listing: SAEList) -> None:
+    """Refuse a sweep whose specs this server would refuse, naming each spec and its problem
+    (the server's own admission rules, :func:`~sae_steer_vllm.sae_api.check_spec_against`)."""
+    problems = []
+    for name, spec in specs.items():
+        if spec is None:
+            continue
+        try:
+            check_spec_against(spec, listing)
+        except SteeringSpecError as e:
+            problems.append(f"spec {name!r}: {e}")
+    if problems:
+        served = (
+            ", ".join(
+                f"{e.name} (layer {e.layer}, {e.d_sae} features, {'/'.join(e.modes)})"
+                for e in listing.data
+            )
+            or "none"
+        )
+        raise UsageError(
+            "the server cannot run this sweep:\n  "
+            + "\n  ".join(problems)
+            + f"\nSAEs it serves: {served}"
+        )

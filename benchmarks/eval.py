@@ -99,6 +99,10 @@ class EvalConfig(CommandConfig):
     """JSON/JSONL of named specs: {"name": "x", "spec": {"interventions": [...]}}"""
     baseline: bool = True
     """run the unsteered baseline; --no-baseline skips it"""
+    spec_check: bool = True
+    """check every spec against the server's GET /v1/saes before the first request (unknown
+    SAE, feature out of range, strength without statistics, mode, limits); --no-spec-check
+    sends them and lets the server refuse each one. Servers without /v1/saes are not checked"""
     # --- output
     out: Path = Path("eval-results")
     """output folder"""
@@ -141,6 +145,7 @@ GROUPS = {
         "positions",
         "specs_file",
         "baseline",
+        "spec_check",
     ),
     "output": ("out", "resume", "report_only", "plots", "grader_workers", "quiet"),
 }
@@ -261,6 +266,7 @@ def run_eval(endpoint: EndpointOptions, sampling: SamplingConfig, cfg: EvalConfi
                         retry=RetryPolicy(max_attempts=cfg.max_attempts),
                         grader=grader,
                         progress=not cfg.quiet,
+                        check_specs=cfg.spec_check,
                     )
                 )
     except EndpointError as e:

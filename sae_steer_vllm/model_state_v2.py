@@ -29,7 +29,7 @@ class V2RequestSlots:
 
     def add(self, req_index: int, req_id: str, params: Any, prompt_len: int) -> None:
         self.remove(req_id)
-        plan = self.ws.plan_for(params) if params is not None else None
+        plan = self.ws.plan_for(params, req_id) if params is not None else None
         if plan is None:
             return
         slot = req_index + 1

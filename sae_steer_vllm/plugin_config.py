@@ -15,8 +15,13 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import UsageError
+from .sae_api import check_sae_name
+from .spec import MAX_SPEC_BYTES
 
 CONFIG_KEY = "sae_steer"
+
+MAX_BODY_BYTES = 32 * 1024 * 1024
+"""Default cap on a request body: room for a few base64 images or a long prompt as token ids."""
 
 
 class PluginConfigError(UsageError):
@@ -43,28 +48,55 @@ class PluginConfig(BaseModel):
         default="all",
         description="Layers that accept raw-vector / add-mode steering: 'all' or '3,10,19'.",
     )
+    # ------------------------------------------------ admission limits (middleware.py)
+    max_spec_bytes: int = Field(
+        default=MAX_SPEC_BYTES,
+        ge=1024,
+        le=1 << 30,
+        description="Largest steering spec (JSON bytes) a request may carry; larger is HTTP 400.",
+    )
+    max_body_bytes: int = Field(
+        default=MAX_BODY_BYTES,
+        ge=4096,
+        le=1 << 34,
+        description="Largest request body the API server reads, on every route; larger is "
+        "HTTP 413 before the rest is read.",
+    )
+    # ------------------------------------------------ runtime SAE registration (/v1/saes)
+    allow_runtime_sae_updates: bool = Field(
+        default=False,
+        description="Allow POST /v1/saes and DELETE /v1/saes/{name} (off by default, like "
+        "vLLM's runtime LoRA updating). Guarded by --api-key when the server has one.",
+    )
+    sae_root: str | None = Field(
+        default=None,
+        description="Folder under which POST /v1/saes resolves a 'path'; paths outside it "
+        "(absolute, or escaping it with '..' or symlinks) are refused.",
+    )
+    steerable_layers: str | None = Field(
+        default=None,
+        description="Layers that get clamp tables at start-up so an SAE registered at runtime "
+        "can hook them: 'all' or '10,14,18' (default: only the layers of clampable start-up "
+        "SAEs). Each such layer costs one small matmul per token.",
+    )
 
     @field_validator("saes")
     @classmethod
     def _names(cls, v: dict[str, str]) -> dict[str, str]:
         for name in v:
-            if not name or len(name) > 200 or any(c.isspace() for c in name):
-                raise ValueError(f"bad SAE name {name!r}")
+            check_sae_name(name)
         return {k: str(Path(p).expanduser().resolve()) for k, p in v.items()}
 
+    @field_validator("sae_root")
+    @classmethod
+    def _root(cls, v: str | None) -> str | None:
+        return None if v is None else str(Path(v).expanduser().resolve())
+
     def vector_layer_set(self, num_layers: int) -> set[int]:
-        if self.vector_layers.strip() == "all":
-            return set(range(num_layers))
-        try:
-            layers = {int(x) for x in self.vector_layers.split(",") if x.strip()}
-        except ValueError:
-            raise PluginConfigError(
-                f"vector_layers must be 'all' or comma-separated ints, got {self.vector_layers!r}"
-            ) from None
-        bad = sorted(x for x in layers if not 0 <= x < num_layers)
-        if bad:
-            raise PluginConfigError(f"vector_layers {bad} out of range [0, {num_layers})")
-        return layers
+        return _layer_set(self.vector_layers, num_layers, "vector_layers")
+
+    def steerable_layer_set(self, num_layers: int) -> set[int]:
+        return _layer_set(self.steerable_layers or "", num_layers, "steerable_layers")
 
     @classmethod
     def from_additional_config(cls, additional: Any) -> PluginConfig:
@@ -73,3 +105,19 @@ class PluginConfig(BaseModel):
             return cls.model_validate(raw or {})
         except ValidationError as e:
             raise PluginConfigError(f"additional_config[{CONFIG_KEY!r}]: {e}") from None
+
+
+def _layer_set(text: str, num_layers: int, option: str) -> set[int]:
+    """``'all'`` or comma-separated layer indices (``''``: none) -> the set, range-checked."""
+    if text.strip() == "all":
+        return set(range(num_layers))
+    try:
+        layers = {int(x) for x in text.split(",") if x.strip()}
+    except ValueError:
+        raise PluginConfigError(
+            f"{option} must be 'all' or comma-separated ints, got {text!r}"
+        ) from None
+    bad = sorted(x for x in layers if not 0 <= x < num_layers)
+    if bad:
+        raise PluginConfigError(f"{option} {bad} out of range [0, {num_layers})")
+    return layers

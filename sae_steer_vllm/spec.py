@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -29,6 +31,15 @@ from .files import json_digest
 
 XARGS_KEY = "steering"
 """Key under ``vllm_xargs`` / ``SamplingParams.extra_args``."""
+
+MAX_SPEC_BYTES = 4 * 1024 * 1024
+"""Default cap on a spec's JSON text (UTF-8 bytes), checked before parsing. 16 raw vectors
+of an 8192-wide model, written with full float precision, take about 3 MB; the server's
+limit is ``PluginConfig.max_spec_bytes``."""
+MAX_SPEC_DEPTH = 16
+"""Cap on the nesting of a spec's JSON, checked before parsing. A valid spec nests 4 deep
+(spec -> interventions -> intervention -> vector); Python's JSON parser raises
+``RecursionError`` on a few thousand ``[`` , so this check keeps hostile text away from it."""
 
 Mode = Literal["clamp", "add"]
 Positions = Literal["all", "prompt", "generated"]
@@ -112,11 +123,27 @@ class SteeringSpec(BaseModel):
         return self.model_dump_json(exclude_none=True)
 
     @classmethod
-    def from_json(cls, text: str) -> SteeringSpec:
+    def from_json(cls, text: str | bytes, max_bytes: int | None = MAX_SPEC_BYTES) -> SteeringSpec:
+        """Parse untrusted text: size and nesting are checked before the JSON parser runs,
+        and whatever the parser or the validators raise becomes a :class:`SteeringSpecError`
+        (the HTTP 400), so no text can make this raise anything else. ``max_bytes=None``:
+        no size cap (the caller bounded the text already)."""
+        if isinstance(text, bytes | bytearray):
+            try:
+                text = bytes(text).decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise SteeringSpecError(f"steering: not UTF-8 text ({e})") from None
+        if not isinstance(text, str):
+            raise SteeringSpecError(f"steering: expected a JSON string, got {type(text).__name__}")
+        check_json_shape(text, max_bytes, MAX_SPEC_DEPTH)
         try:
             raw = json.loads(text)
         except json.JSONDecodeError as e:
             raise SteeringSpecError(f"steering: invalid JSON ({e})") from None
+        except (ValueError, RecursionError, MemoryError, TypeError) as e:
+            # e.g. an integer with more digits than Python converts, or nesting the
+            # shape check missed; never a 500 for text a client chose
+            raise SteeringSpecError(f"steering: invalid JSON ({type(e).__name__}: {e})") from None
         return cls.from_obj(raw)
 
     @classmethod
@@ -127,6 +154,10 @@ class SteeringSpec(BaseModel):
             return cls.model_validate(raw)
         except ValidationError as e:
             raise SteeringSpecError("steering: " + _describe(e)) from None
+        except (ValueError, TypeError, RecursionError, MemoryError) as e:
+            # an object built in Python (the offline API) can fail outside pydantic's
+            # own errors, e.g. a self-referencing list
+            raise SteeringSpecError(f"steering: invalid spec ({type(e).__name__}: {e})") from None
 
     @property
     def is_noop(self) -> bool:
@@ -141,24 +172,60 @@ class SteeringSpec(BaseModel):
         return {"vllm_xargs": {XARGS_KEY: self.to_json()}}
 
 
-def spec_from_extra_args(extra_args: dict[str, Any] | None) -> SteeringSpec | None:
+def spec_from_extra_args(
+    extra_args: Mapping[str, Any] | None, max_bytes: int | None = None
+) -> SteeringSpec | None:
     """Read the spec from ``SamplingParams.extra_args``; None when the request is unsteered.
 
     Accepts the JSON string (HTTP) and, for the offline ``LLM`` API, a dict or
-    a ``SteeringSpec`` instance.
+    a ``SteeringSpec`` instance. Raises only :class:`SteeringSpecError`. ``max_bytes``:
+    the server's ``max_spec_bytes`` (workers pass it); None leaves the size to whoever
+    bounded the request (the API server's body limit), while nesting is always capped.
     """
-    if not extra_args or XARGS_KEY not in extra_args:
+    if not isinstance(extra_args, Mapping) or XARGS_KEY not in extra_args:
         return None
     raw = extra_args[XARGS_KEY]
     if isinstance(raw, SteeringSpec):
         spec = raw
     elif isinstance(raw, str):
-        spec = SteeringSpec.from_json(raw)
+        spec = SteeringSpec.from_json(raw, max_bytes)
     elif isinstance(raw, dict):
         spec = SteeringSpec.from_obj(raw)
     else:
         raise SteeringSpecError(f"steering: expected a JSON string, got {type(raw).__name__}")
     return None if spec.is_noop else spec
+
+
+# A JSON string literal, written unrolled so the regex engine never backtracks.
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_INNERMOST_PAIR = re.compile(r"\[\]|\{\}")
+
+
+def check_json_shape(text: str, max_bytes: int | None, max_depth: int) -> None:
+    """Refuse JSON text that is too large or nests deeper than ``max_depth``, without parsing.
+
+    Every step is a C-speed pass over the text (the regex module), at most ``max_depth + 1``
+    of them, so hostile text costs linear time: string literals are removed, then all but
+    the brackets, then innermost ``[]``/``{}`` pairs are removed once per nesting level.
+    In valid JSON that ends with nothing left; brackets that cannot be paired mean invalid
+    JSON, refused here too, so the parser only ever sees balanced, shallow text.
+    """
+    if max_bytes is not None and (
+        len(text) > max_bytes or len(text.encode("utf-8", "surrogatepass")) > max_bytes
+    ):
+        raise SteeringSpecError(
+            f"steering: the spec is larger than this server's limit of {max_bytes} bytes "
+            "(max_spec_bytes)"
+        )
+    skeleton = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text))
+    for _ in range(max_depth + 1):
+        if not skeleton:
+            return
+        skeleton, n = _INNERMOST_PAIR.subn("", skeleton)
+        if n == 0:
+            raise SteeringSpecError("steering: invalid JSON (unbalanced brackets)")
+    raise SteeringSpecError(f"steering: JSON nested deeper than {max_depth} levels")
 
 
 def steering_extra_body(spec: SteeringSpec | dict[str, Any] | None) -> dict[str, Any]:

@@ -27,15 +27,24 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from .constants import STATS_FILE
 from .plugin_config import PluginConfig, PluginConfigError
 from .sae import SAEConfig, SAEFormatError, SAERows, load_max_activation, read_config
+from .sae_api import (
+    ModelShape,
+    RuntimeUpdates,
+    SAEEntry,
+    SAEList,
+    ServerLimits,
+    check_spec_against,
+)
 from .spec import (
     FeatureIntervention,
+    Mode,
     Positions,
     SteeringSpec,
     SteeringSpecError,
@@ -62,49 +71,74 @@ class SAEInfo:
     path: Path
     cfg: SAEConfig
     max_activation: torch.Tensor | None
+    runtime: bool = False
+
+
+def read_sae_info(
+    name: str, path: str | Path, num_layers: int, d_model: int, *, runtime: bool = False
+) -> SAEInfo:
+    """Read and check one SAE folder's metadata: THE check, at start-up (``serve`` and every
+    vLLM process) and for runtime registration alike. Raises :class:`PluginConfigError`."""
+    try:
+        cfg, _, _ = read_config(path)
+        max_act = load_max_activation(path)
+    except SAEFormatError as e:
+        raise PluginConfigError(f"SAE {name!r}: {e}") from None
+    if cfg.d_in != d_model:
+        raise PluginConfigError(
+            f"SAE {name!r} ({path}) has d_in={cfg.d_in} but the model's hidden size is {d_model}"
+        )
+    if not 0 <= cfg.hook_layer < num_layers:
+        raise PluginConfigError(
+            f"SAE {name!r} ({path}) hooks layer {cfg.hook_layer}; the model has {num_layers} layers"
+        )
+    if max_act is not None and max_act.shape != (cfg.d_sae,):
+        raise PluginConfigError(
+            f"SAE {name!r}: feature_stats max_activation has shape {tuple(max_act.shape)}, "
+            f"expected ({cfg.d_sae},)"
+        )
+    return SAEInfo(name, Path(path), cfg, max_act, runtime)
 
 
 @dataclass
 class SAECatalog:
-    """The SAEs a server was started with, plus the model shape they must fit."""
+    """The SAEs a server serves, plus the model shape they must fit.
+
+    Which layers have steering tables is fixed at start-up (the tables are buffers
+    inside the compiled model): ``steerable_layers`` have add tables, ``clamp_layers``
+    also clamp tables. SAEs registered at runtime (:meth:`add`) must hook a clamp layer.
+    """
 
     saes: dict[str, SAEInfo]
     num_layers: int
     d_model: int
     limits: PluginConfig
     vector_layers: set[int]
+    clamp_layers: set[int] = field(default_factory=set)
+    steerable_layers: set[int] = field(default_factory=set)
     _rows: dict[str, SAERows] = field(default_factory=dict)
+    _listing: SAEList | None = None
 
     @classmethod
     def load(cls, config: PluginConfig, num_layers: int, d_model: int) -> SAECatalog:
         """Read every registered SAE's metadata; raise on anything that cannot serve."""
-        saes: dict[str, SAEInfo] = {}
-        for name, path in config.saes.items():
-            try:
-                cfg, _, _ = read_config(path)
-                max_act = load_max_activation(path)
-            except SAEFormatError as e:
-                raise PluginConfigError(f"SAE {name!r}: {e}") from None
-            if cfg.d_in != d_model:
-                raise PluginConfigError(
-                    f"SAE {name!r} ({path}) has d_in={cfg.d_in} but the model's hidden size is {d_model}"
-                )
-            if not 0 <= cfg.hook_layer < num_layers:
-                raise PluginConfigError(
-                    f"SAE {name!r} ({path}) hooks layer {cfg.hook_layer}; the model has {num_layers} layers"
-                )
-            if max_act is not None and max_act.shape != (cfg.d_sae,):
-                raise PluginConfigError(
-                    f"SAE {name!r}: feature_stats max_activation has shape {tuple(max_act.shape)}, "
-                    f"expected ({cfg.d_sae},)"
-                )
-            saes[name] = SAEInfo(name, Path(path), cfg, max_act)
+        saes = {
+            name: read_sae_info(name, path, num_layers, d_model)
+            for name, path in config.saes.items()
+        }
+        vector_layers = config.vector_layer_set(num_layers)
+        runtime_layers = config.steerable_layer_set(num_layers)
+        clamp = {s.cfg.hook_layer for s in saes.values() if s.cfg.architecture != "topk"}
         return cls(
             saes=saes,
             num_layers=num_layers,
             d_model=d_model,
             limits=config,
-            vector_layers=config.vector_layer_set(num_layers),
+            vector_layers=vector_layers,
+            clamp_layers=clamp | runtime_layers,
+            steerable_layers=vector_layers
+            | runtime_layers
+            | {s.cfg.hook_layer for s in saes.values()},
         )
 
     @classmethod
@@ -116,19 +150,96 @@ class SAECatalog:
         config = PluginConfig.from_additional_config(vllm_config.additional_config)
         return cls.load(config, int(text.num_hidden_layers), int(text.hidden_size))
 
-    @property
-    def clamp_layers(self) -> set[int]:
-        """Layers that need clamp tables: those of SAEs whose features can be clamped."""
-        return {s.cfg.hook_layer for s in self.saes.values() if s.cfg.architecture != "topk"}
-
-    @property
-    def steerable_layers(self) -> set[int]:
-        return self.vector_layers | {s.cfg.hook_layer for s in self.saes.values()}
-
     def rows(self, name: str) -> SAERows:
         if name not in self._rows:
             self._rows[name] = SAERows(self.saes[name].path)
         return self._rows[name]
+
+    # ------------------------------------------------------------ what it can do
+    def modes(self, info: SAEInfo) -> list[Mode]:
+        """Modes an SAE's features accept here: clamp needs a per-feature encoder (not TopK)
+        and clamp tables on its layer; add needs its layer among the vector layers."""
+        out: list[Mode] = []
+        if info.cfg.architecture != "topk" and info.cfg.hook_layer in self.clamp_layers:
+            out.append("clamp")
+        if info.cfg.hook_layer in self.vector_layers:
+            out.append("add")
+        return out
+
+    def listing(self) -> SAEList:
+        """``GET /v1/saes`` (cached until the registry changes)."""
+        if self._listing is None:
+            lim = self.limits
+            self._listing = SAEList(
+                data=[
+                    SAEEntry(
+                        name=s.name,
+                        layer=s.cfg.hook_layer,
+                        d_in=s.cfg.d_in,
+                        d_sae=s.cfg.d_sae,
+                        architecture=s.cfg.architecture,
+                        modes=self.modes(s),
+                        has_statistics=s.max_activation is not None,
+                        runtime=s.runtime,
+                    )
+                    for s in sorted(self.saes.values(), key=lambda s: s.name)
+                ],
+                model=ModelShape(num_layers=self.num_layers, d_model=self.d_model),
+                limits=ServerLimits(
+                    max_interventions=lim.max_interventions,
+                    max_clamp_per_layer=lim.max_clamp_per_layer,
+                    vector_layers=sorted(self.vector_layers),
+                    vector_layers_setting=lim.vector_layers,
+                    max_spec_bytes=lim.max_spec_bytes,
+                    max_body_bytes=lim.max_body_bytes,
+                ),
+                runtime_updates=RuntimeUpdates(
+                    enabled=lim.allow_runtime_sae_updates,
+                    layers=sorted(self.clamp_layers) if lim.allow_runtime_sae_updates else [],
+                    sources=self._sources(),
+                ),
+            )
+        return self._listing
+
+    def _sources(self) -> list[Literal["path", "hf"]]:
+        if not self.limits.allow_runtime_sae_updates:
+            return []
+        return ["path", "hf"] if self.limits.sae_root else ["hf"]
+
+    # ------------------------------------------------------------ runtime registration
+    def read_runtime_sae(self, name: str, path: str | Path) -> SAEInfo:
+        """Check an SAE for runtime registration: the start-up check, plus a layer that has
+        clamp tables and at least one mode it can be steered with."""
+        if name in self.saes:
+            raise PluginConfigError(f"an SAE named {name!r} is already registered")
+        info = read_sae_info(name, path, self.num_layers, self.d_model, runtime=True)
+        layer = info.cfg.hook_layer
+        if layer not in self.clamp_layers:
+            raise PluginConfigError(
+                f"SAE {name!r} hooks layer {layer}, which has no steering tables on this "
+                f"server; runtime SAEs can hook layers {sorted(self.clamp_layers) or 'none'} "
+                "(restart with --steerable-layers to add layers)"
+            )
+        if not self.modes(info):
+            raise PluginConfigError(
+                f"SAE {name!r} is TopK (add mode only) but layer {layer} does not accept 'add' "
+                f"on this server (vector_layers={self.limits.vector_layers})"
+            )
+        return info
+
+    def add(self, info: SAEInfo, rows: SAERows | None = None) -> None:
+        """Register ``info`` (``rows``: its feature reader, when already opened)."""
+        self.saes[info.name] = info
+        self._rows.pop(info.name, None)
+        if rows is not None:
+            self._rows[info.name] = rows
+        self._listing = None
+
+    def remove(self, name: str) -> SAEInfo:
+        info = self.saes.pop(name)
+        self._rows.pop(name, None)
+        self._listing = None
+        return info
 
 
 def _target(iv: FeatureIntervention, info: SAEInfo) -> float:
@@ -145,69 +256,17 @@ def _target(iv: FeatureIntervention, info: SAEInfo) -> float:
 
 
 def check_spec(spec: SteeringSpec, cat: SAECatalog) -> None:
-    """Reject anything the model cannot do exactly; messages name the problem."""
-    n = len(spec.interventions)
-    if n > cat.limits.max_interventions:
-        raise SteeringSpecError(
-            f"steering: {n} interventions exceed this server's limit of "
-            f"{cat.limits.max_interventions} (max_interventions)"
-        )
-    clamps_per_layer: dict[int, int] = {}
-    seen_clamps: set[tuple[str, int]] = set()
+    """Reject anything the model cannot do exactly; messages name the problem.
+
+    The rules are :func:`~sae_steer_vllm.sae_api.check_spec_against` on the catalog's
+    listing (what clients check a sweep against), plus finite feature targets.
+    """
+    check_spec_against(spec, cat.listing())
     for k, iv in enumerate(spec.interventions):
-        where = f"steering: interventions.{k}"
-        if isinstance(iv, VectorIntervention):
-            if iv.layer >= cat.num_layers:
-                raise SteeringSpecError(
-                    f"{where}.layer: layer {iv.layer} out of range; the model has "
-                    f"{cat.num_layers} layers (0..{cat.num_layers - 1})"
-                )
-            if iv.layer not in cat.vector_layers:
-                raise SteeringSpecError(
-                    f"{where}.layer: layer {iv.layer} does not accept vectors on this server "
-                    f"(vector_layers={cat.limits.vector_layers})"
-                )
-            if len(iv.vector) != cat.d_model:
-                raise SteeringSpecError(
-                    f"{where}.vector: has {len(iv.vector)} dimensions; the model's hidden size is {cat.d_model}"
-                )
-            continue
-        info = cat.saes.get(iv.sae)
-        if info is None:
-            known = ", ".join(sorted(cat.saes)) or "none"
-            raise SteeringSpecError(f"{where}.sae: unknown SAE {iv.sae!r} (registered: {known})")
-        if iv.feature >= info.cfg.d_sae:
-            raise SteeringSpecError(
-                f"{where}.feature: feature {iv.feature} out of range for SAE {iv.sae!r} "
-                f"with {info.cfg.d_sae} features"
-            )
-        target = _target(iv, info)
-        if not abs(target) < float("inf"):
-            raise SteeringSpecError(f"{where}: target value is not finite")
-        layer = info.cfg.hook_layer
-        if iv.mode == "clamp":
-            if info.cfg.architecture == "topk":
-                raise SteeringSpecError(
-                    f"{where}.mode: SAE {iv.sae!r} is TopK, whose feature values depend on all "
-                    "features; 'clamp' cannot be applied exactly, use mode 'add'"
-                )
-            key = (iv.sae, iv.feature)
-            if key in seen_clamps:
-                raise SteeringSpecError(
-                    f"{where}: feature {iv.feature} of SAE {iv.sae!r} is clamped twice"
-                )
-            seen_clamps.add(key)
-            clamps_per_layer[layer] = clamps_per_layer.get(layer, 0) + 1
-            if clamps_per_layer[layer] > cat.limits.max_clamp_per_layer:
-                raise SteeringSpecError(
-                    f"{where}: more than {cat.limits.max_clamp_per_layer} clamped features on "
-                    f"layer {layer} (max_clamp_per_layer)"
-                )
-        elif layer not in cat.vector_layers:
-            raise SteeringSpecError(
-                f"{where}.mode: 'add' on layer {layer} is disabled on this server "
-                f"(vector_layers={cat.limits.vector_layers})"
-            )
+        if isinstance(iv, FeatureIntervention):
+            target = _target(iv, cat.saes[iv.sae])
+            if not abs(target) < float("inf"):
+                raise SteeringSpecError(f"steering: interventions.{k}: target value is not finite")
 
 
 @dataclass

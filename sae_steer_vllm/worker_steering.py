@@ -22,11 +22,17 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from .admission import REQUEST_ID_KEY
+from .errors import SaeSteerError
+from .plugin_config import PluginConfigError
+from .sae import SAEFormatError, SAERows
 from .slot_tables import LayerTables
 from .spec import spec_from_extra_args
 from .steering_plan import SAECatalog, SteeringPlan, plan_spec
@@ -38,6 +44,19 @@ if TYPE_CHECKING:
 logger = logging.getLogger("sae_steer_vllm")
 
 _PLAN_CACHE_SIZE = 512
+
+
+@dataclass
+class PlanFailures:
+    """Requests whose spec failed in this worker and that therefore ran unsteered.
+
+    ``admitted``: the API server had validated them (HTTP 200); it must stay 0, anything
+    else is a fault the operator has to look at. ``unadmitted``: no admission middleware
+    saw them (the offline ``LLM`` API, or a server started without it).
+    """
+
+    admitted: int = 0
+    unadmitted: int = 0
 
 
 class WorkerSteering:
@@ -65,7 +84,8 @@ class WorkerSteering:
         self.tok_slot: torch.Tensor | None = None
         self.slot_mode: torch.Tensor | None = None
         self.slot_prompt_len: torch.Tensor | None = None
-        self._plans: OrderedDict[str, SteeringPlan | None] = OrderedDict()
+        self._plans: OrderedDict[str, SteeringPlan] = OrderedDict()
+        self.plan_failures = PlanFailures()
         self._slot_layers: dict[int, set[int]] = {}
         self._dirty_upto = 0
         self._warned: set[str] = set()
@@ -77,6 +97,36 @@ class WorkerSteering:
             sorted(self.catalog.clamp_layers),
             self.num_slots,
         )
+
+    # ------------------------------------------------------------------ runtime SAEs
+    def register_sae(self, name: str, path: str) -> None:
+        """Add an SAE at runtime (``POST /v1/saes``, via the worker extension).
+
+        The same metadata check as start-up, on a layer that already has clamp tables,
+        and the SAE's small vectors read now, so a broken weights file fails here and
+        not in a request. Raises :class:`~sae_steer_vllm.plugin_config.PluginConfigError`.
+        """
+        info = self.catalog.read_runtime_sae(name, path)
+        try:
+            rows = SAERows(info.path)
+        except (SAEFormatError, OSError) as e:
+            raise PluginConfigError(f"SAE {name!r}: {e}") from None
+        self.catalog.add(info, rows)
+        self._plans.clear()  # a cached plan may name an SAE that has just changed meaning
+        logger.info("sae-steer: registered SAE %r (layer %d) at runtime", name, info.cfg.hook_layer)
+
+    def unregister_sae(self, name: str) -> bool:
+        """Remove an SAE (``DELETE /v1/saes/{name}``); False if it was not registered.
+
+        The API server only asks once no admitted request names it; running slots keep
+        their tables either way (plans are copied into them), only new plans change.
+        """
+        if name not in self.catalog.saes:
+            return False
+        self.catalog.remove(name)
+        self._plans.clear()
+        logger.info("sae-steer: removed SAE %r", name)
+        return True
 
     # ------------------------------------------------------------------ buffers
     def build_layer_tables(self, layer: int, dtype: torch.dtype) -> LayerTables | None:
@@ -97,40 +147,61 @@ class WorkerSteering:
         return self.tok_slot, self.slot_mode, self.slot_prompt_len
 
     # ------------------------------------------------------------------ plans
-    def plan_for(self, params: Any) -> SteeringPlan | None:
-        """The request's plan, or None if unsteered. Never raises: a worker
-        exception would kill the engine for every user; the API server has
-        already rejected bad specs with HTTP 400."""
+    def plan_for(self, params: Any, req_id: str | None = None) -> SteeringPlan | None:
+        """The request's plan, or None if unsteered. Never raises: a worker exception would
+        kill the engine for every user.
+
+        A spec that fails here is a failure of that request, and vLLM 0.32 gives a model or
+        a logits processor no way to fail one request (its per-request error finish is
+        reached only from KV/EC connectors and the engine core's own pre-processing). So the
+        request runs unsteered and the failure is made loud instead of silent: an ERROR log
+        naming the request, every time, and a count in :attr:`plan_failures`. The admission
+        middleware validates every spec on every route (and reads its SAE rows) before a 200,
+        so for an admitted request this means the worker's SAEs differ from the API
+        server's (a file changed on disk, a registration raced the request).
+        """
         extra = getattr(params, "extra_args", None)
         try:
-            spec = spec_from_extra_args(extra)
-        except ValueError as e:
-            self._reject(str(e))
-            return None
-        if spec is None:
-            return None
-        key = spec.to_json()
-        if key in self._plans:
-            self._plans.move_to_end(key)
-            return self._plans[key]
-        try:
-            plan: SteeringPlan | None = plan_spec(spec, self.catalog)
+            spec = spec_from_extra_args(extra, self.config.max_spec_bytes)
+            if spec is None:
+                return None
+            key = spec.to_json()
+            plan = self._plans.get(key)
+            if plan is None:
+                plan = plan_spec(spec, self.catalog)
+                self._plans[key] = plan
+                if len(self._plans) > _PLAN_CACHE_SIZE:
+                    self._plans.popitem(last=False)
+            else:
+                self._plans.move_to_end(key)
+            return plan
         except Exception as e:  # noqa: BLE001 - see docstring
-            self._reject(str(e))
-            plan = None
-        self._plans[key] = plan
-        if len(self._plans) > _PLAN_CACHE_SIZE:
-            self._plans.popitem(last=False)
-        return plan
+            self._plan_failed(extra, req_id, e)
+            return None
 
-    def _reject(self, msg: str) -> None:
-        self.warn_once(
-            msg,
-            "sae-steer: request left UNSTEERED, its spec failed in the worker: %s "
-            "(start the API server with --middleware sae_steer_vllm.middleware.SteeringMiddleware "
-            "so such requests get HTTP 400 instead)",
-            msg,
-        )
+    def _plan_failed(self, extra: Any, req_id: str | None, e: Exception) -> None:
+        admitted = extra.get(REQUEST_ID_KEY) if isinstance(extra, Mapping) else None
+        reason = str(e) if isinstance(e, SaeSteerError) else f"{type(e).__name__}: {e}"
+        if admitted is not None:
+            self.plan_failures.admitted += 1
+            logger.error(
+                "sae-steer: request %s was ADMITTED by the API server but its steering spec "
+                "failed in this worker, so it runs UNSTEERED: %s. The worker's SAEs differ "
+                "from the API server's (a file changed on disk, or a registration raced the "
+                "request); failures so far: %s",
+                req_id or admitted,
+                reason,
+                self.plan_failures,
+            )
+        else:
+            self.plan_failures.unadmitted += 1
+            logger.error(
+                "sae-steer: request %s runs UNSTEERED, its spec failed in the worker: %s "
+                "(no admission middleware saw it: start the API server with --middleware "
+                "sae_steer_vllm.middleware.SteeringMiddleware so such requests get HTTP 400)",
+                req_id or "(offline)",
+                reason,
+            )
 
     def warn_once(self, key: str, msg: str, *args: Any) -> None:
         """Log an error the first time ``key`` occurs (a worker logs per step otherwise)."""

@@ -2,7 +2,8 @@
 
 Starting vLLM costs about a minute on two cores, so every test that needs a
 real endpoint shares ``steer_server`` (default model, float32 so outputs are
-batch-invariant, torch.compile mode, two registered SAEs).
+batch-invariant, torch.compile mode, three registered SAEs, and runtime SAE
+registration under ``sae_root`` on layer 6 and the clampable SAEs' layers 14 and 18).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class SteerServer:
     jumprelu_sae_path: Path
     max_interventions: int
     log_path: Path
+    sae_root: Path  # POST /v1/saes resolves paths under it
 
     @property
     def root_url(self) -> str:
@@ -71,6 +73,8 @@ def steer_server(
     # features on real text, so an exactness test fails if the plugin ignores it.
     jr = root / "sae-jumprelu-l14"
     random_sae(jr, d_in=576, d_sae=256, layer=14, architecture="jumprelu", seed=3, threshold=4.0)
+    sae_root = root / "sae-root"
+    sae_root.mkdir()
     port = server_process.free_port()
     log = root / "server.log"
     max_interventions = 8
@@ -87,6 +91,11 @@ def steer_server(
         f"jr-sae={jr}",
         "--max-interventions",
         str(max_interventions),
+        "--allow-runtime-sae-updates",
+        "--sae-root",
+        str(sae_root),
+        "--steerable-layers",
+        "6",
         "--dtype",
         "float32",
         "--host",
@@ -99,6 +108,7 @@ def steer_server(
         "32",
         "--seed",
         "0",
+        "--enable-scale-out",  # /inference/v1/generate: test_server_doors admits steering there
         "--print-command",
     ]
     # The server runs the hand-launch command (`python -m vllm.entrypoints.openai.api_server
@@ -123,6 +133,7 @@ def steer_server(
             jumprelu_sae_path=jr,
             max_interventions=max_interventions,
             log_path=log,
+            sae_root=sae_root,
         )
     finally:
         srv.stop()

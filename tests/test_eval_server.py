@@ -46,6 +46,7 @@ def test_tiny_real_sweep(steer_server: Any, tmp_path: Path) -> None:
         sampling=SamplingConfig(temperature=0.0, max_tokens=32),  # CPU server refuses seeds
         concurrency=4,
         progress=False,
+        check_specs=False,  # the pre-check would stop the sweep; this tests the server's own 400
     )
     assert set(res.spec_errors) == {"bad_feature"}
     assert "400" in res.spec_errors["bad_feature"]

@@ -1,11 +1,11 @@
 """``sae-steer demo``: config files, the study's analysis and report, and the whole pipeline
 on a tiny configuration against the shared steering server.
 
-The end-to-end test trains a tiny SAE (4k tokens, 512 features), scores it, and runs the
-study through the session's ``steer_server`` (``--base-url``), so no second vLLM server
-is started. That server cannot register the freshly trained SAE (SAEs are registered at
-start-up), so the study steers the same feature indices of the server's own test SAE: the
-test checks wiring and artefacts, not what the features mean.
+The end-to-end test trains a tiny SAE (4k tokens, 512 features), scores it, registers it
+on the session's ``steer_server`` through ``POST /v1/saes`` (the server allows runtime
+SAEs under its ``--sae-root``, where the test writes the demo), and runs the study through
+that server (``--base-url``) steering the SAE it has just trained: no second vLLM server
+is started.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -174,12 +175,34 @@ def test_study_report_from_a_scripted_server(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ the whole pipeline, tiny
 @pytest.mark.server
 def test_demo_pipeline_tiny_end_to_end(
-    steer_server, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    steer_server,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    from helpers.registry import saes_http
+
+    from benchmarks.demo import run as demo_run
     from sae_steer_vllm.sae import SAE, STATS_FILE
+    from sae_steer_vllm.sae_api import SAEList
     from sae_training import FeatureStats
 
-    out = tmp_path / "demo"
+    name = "tiny-demo"
+    out = steer_server.sae_root / f"demo-{tmp_path.name}"
+    real_step_server = demo_run.step_server
+    registered: list[int] = []
+
+    def step_server_then_register(cfg: Any, root: Path, sae_dir: Path, *a: Any) -> Any:
+        """``--base-url`` names a running server: register the SAE just trained and scored
+        there, as its operator would (the second run finds it registered: 409)."""
+        served = real_step_server(cfg, root, sae_dir, *a)
+        rel = sae_dir.resolve().relative_to(steer_server.sae_root.resolve())
+        status, body = saes_http(steer_server, "POST", "/v1/saes", {"name": name, "path": str(rel)})
+        assert status in (200, 409), body
+        registered.append(status)
+        return served
+
+    monkeypatch.setattr(demo_run, "step_server", step_server_then_register)
     argv = [
         "--config",
         str(CONFIGS / "demo_tiny.json"),
@@ -188,46 +211,61 @@ def test_demo_pipeline_tiny_end_to_end(
         "--base-url",
         steer_server.base_url,
         "--sae-name",
-        steer_server.sae_name,
+        name,
     ]
-    assert main(argv) == 0
-    printed = capsys.readouterr().out
+    try:
+        assert main(argv) == 0
+        printed = capsys.readouterr().out
+        assert registered == [200]
+        status, body = saes_http(steer_server, "GET", "/v1/saes")
+        entry = SAEList.model_validate(body).by_name()[name]
+        assert entry.runtime and entry.has_statistics and entry.d_sae == 512
 
-    sae = SAE.load(out / "sae")
-    assert sae.cfg.d_sae == 512 and sae.cfg.d_sae <= steer_server.d_sae
-    stats = FeatureStats.load(out / "sae" / STATS_FILE)
-    assert stats["max_activation"].shape == (512,)
-    assert float(stats["max_activation"].max()) > 0
-    table = json.loads((out / "reasonscore" / "reasonscore_top.json").read_text())
-    top1 = table["features"][0]["feature"]
-    assert table["features"][0]["rank"] == 1
-    index = (out / "dashboard" / "index.html").read_text()
-    assert f"feature_{top1}.html" in index
-    assert (out / "dashboard" / f"feature_{top1}.html").is_file()
+        sae = SAE.load(out / "sae")
+        assert sae.cfg.d_sae == 512
+        assert (entry.layer, entry.architecture) == (sae.cfg.hook_layer, sae.cfg.architecture)
+        stats = FeatureStats.load(out / "sae" / STATS_FILE)
+        assert stats["max_activation"].shape == (512,)
+        assert float(stats["max_activation"].max()) > 0
+        table = json.loads((out / "reasonscore" / "reasonscore_top.json").read_text())
+        top1 = table["features"][0]["feature"]
+        assert table["features"][0]["rank"] == 1
+        index = (out / "dashboard" / "index.html").read_text()
+        assert f"feature_{top1}.html" in index
+        assert (out / "dashboard" / f"feature_{top1}.html").is_file()
 
-    lines = (out / "study" / "samples.jsonl").read_text().splitlines()
-    recs = [json.loads(x) for x in lines]
-    assert len(recs) == 4 * (1 + 2 * 3)  # 4 problems x (baseline + 1 top + 1 random at 3 strengths)
-    assert all(r["error"] is None for r in recs), [r["error"] for r in recs if r["error"]]
-    # the tiny SAE is BatchTopK saved as JumpReLU (the default recipe): "auto" means clamp
-    assert sae.cfg.architecture == "jumprelu"
-    assert {r["spec_name"] for r in recs} >= {BASELINE, f"top1.f{top1}_clamp_s4"}
-    base = {r["problem_id"]: r["completion"] for r in recs if r["spec_name"] == BASELINE}
-    strong = [r for r in recs if r["spec_name"].endswith("_s4")]
-    assert any(r["completion"] != base[r["problem_id"]] for r in strong), "steering had no effect"
+        lines = (out / "study" / "samples.jsonl").read_text().splitlines()
+        recs = [json.loads(x) for x in lines]
+        assert len(recs) == 4 * (1 + 2 * 3)  # 4 problems x (baseline + 1 top + 1 random x 3)
+        assert all(r["error"] is None for r in recs), [r["error"] for r in recs if r["error"]]
+        # every steered sample steered the freshly trained SAE, not one the server started with
+        assert {json.loads(r["spec"])["interventions"][0]["sae"] for r in recs if r["spec"]} == {
+            name
+        }
+        # the tiny SAE is BatchTopK saved as JumpReLU (the default recipe): "auto" means clamp
+        assert sae.cfg.architecture == "jumprelu"
+        assert {r["spec_name"] for r in recs} >= {BASELINE, f"top1.f{top1}_clamp_s4"}
+        base = {r["problem_id"]: r["completion"] for r in recs if r["spec_name"] == BASELINE}
+        strong = [r for r in recs if r["spec_name"].endswith("_s4")]
+        assert any(r["completion"] != base[r["problem_id"]] for r in strong), (
+            "steering had no effect"
+        )
 
-    report = out / "study" / "report.md"
-    text = report.read_text()
-    assert "## Results" in text and "One completion, unsteered and steered" in text
-    imgs = [ln.split("](", 1)[1].rstrip(")") for ln in text.splitlines() if ln.startswith("![")]
-    assert len(imgs) >= 2
-    for rel in imgs:
-        _png_size(report.parent / rel)
-    assert str(report) in printed and "from openai import OpenAI" in printed
-    assert f'"feature": {top1}' in printed
+        report = out / "study" / "report.md"
+        text = report.read_text()
+        assert "## Results" in text and "One completion, unsteered and steered" in text
+        imgs = [ln.split("](", 1)[1].rstrip(")") for ln in text.splitlines() if ln.startswith("![")]
+        assert len(imgs) >= 2
+        for rel in imgs:
+            _png_size(report.parent / rel)
+        assert str(report) in printed and "from openai import OpenAI" in printed
+        assert f'"feature": {top1}' in printed
 
-    # a second run reuses every step (nothing is retrained or regenerated)
-    assert main(argv) == 0
-    again = capsys.readouterr().out
-    assert "reusing the SAE" in again and "reusing the statistics" in again
-    assert len((out / "study" / "samples.jsonl").read_text().splitlines()) == len(lines)
+        # a second run reuses every step (nothing is retrained or regenerated)
+        assert main(argv) == 0
+        again = capsys.readouterr().out
+        assert "reusing the SAE" in again and "reusing the statistics" in again
+        assert len((out / "study" / "samples.jsonl").read_text().splitlines()) == len(lines)
+        assert registered == [200, 409]
+    finally:
+        saes_http(steer_server, "DELETE", f"/v1/saes/{name}")

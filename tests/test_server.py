@@ -10,6 +10,7 @@ import urllib.request
 from typing import Any
 
 import pytest
+from helpers.server_metrics import prefix_cache_hits
 from openai import AsyncOpenAI, BadRequestError, OpenAI
 
 from sae_steer_vllm.spec import SteeringSpec, steering_extra_body
@@ -258,17 +259,6 @@ def _prompt_logprobs(
     return [float(lps[t][str(ids[t])]["logprob"]) for t in range(1, len(ids))]
 
 
-def _prefix_hits(server: Any) -> float:
-    text = urllib.request.urlopen(server.root_url + "/metrics", timeout=30).read().decode()
-    vals = [
-        float(ln.split()[-1])
-        for ln in text.splitlines()
-        if ln.startswith("vllm:prefix_cache_hits_total")
-    ]
-    assert vals, "vllm:prefix_cache_hits_total not exported"
-    return sum(vals)
-
-
 def test_prompt_logprobs_match_transformers(steer_server: Any) -> None:
     """Exactness through the HTTP server (torch.compile mode), clamp and add, float32."""
     from helpers.steering import reference_prompt_logprobs
@@ -322,10 +312,10 @@ def test_prefix_cache_isolation(steer_server: Any) -> None:
     text = "Background: " + " ".join(f"fact {i} is that {i} follows {i - 1}." for i in range(40))
     ids = tok(text)["input_ids"]
     spec = _spec(steer_server, feature=7, value=60.0, strength=None, mode="add")
-    h0 = _prefix_hits(steer_server)
+    h0 = prefix_cache_hits(steer_server)
     unsteered = _gen_logprobs(steer_server, ids, None)  # caches the prefix unsteered
     plain_again = _gen_logprobs(steer_server, ids, None)
-    h1 = _prefix_hits(steer_server)
+    h1 = prefix_cache_hits(steer_server)
     assert h1 - h0 >= len(ids) // 2, "prefix caching is not active: the test would prove nothing"
     steered = _gen_logprobs(steer_server, ids, spec)  # no client salt: the server must salt
     cold = _gen_logprobs(steer_server, ids, spec, salt="force-cold")  # never cached before
@@ -335,9 +325,11 @@ def test_prefix_cache_isolation(steer_server: Any) -> None:
     assert max(abs(a - b) for a, b in zip(unsteered, cold)) > 1e-3, (
         "spec has no effect: test proves nothing"
     )
-    h2 = _prefix_hits(steer_server)
+    h2 = prefix_cache_hits(steer_server)
     again = _gen_logprobs(steer_server, ids, spec)
-    assert _prefix_hits(steer_server) - h2 >= len(ids) // 2, "identical specs did not share cache"
+    assert prefix_cache_hits(steer_server) - h2 >= len(ids) // 2, (
+        "identical specs did not share cache"
+    )
     assert max(abs(a - b) for a, b in zip(again, cold)) < 1e-5
     assert max(abs(a - b) for a, b in zip(plain_again, unsteered)) < 1e-5
 

@@ -88,8 +88,9 @@ class DemoConfig(CommandConfig):
     """name the SAE is registered under"""
     host: str = "127.0.0.1"
     """server host"""
-    port: int = Field(default=8000, ge=1, le=65535)
-    """server port (a free one if taken)"""
+    port: int = Field(default=8001, ge=1, le=65535)
+    """server port (a free one if taken); not 8000, which the README's own `sae-steer serve`
+    command and `sae-steer eval`'s default URL use, so the demo's server never blocks them"""
     vllm_args: ShellWords = [
         "--dtype",
         "float32",

@@ -8,6 +8,9 @@
 * :mod:`helpers.activations`: synthetic activations and activation caches;
 * :mod:`helpers.steering`: a plain-transformers reference for steered prompt logprobs;
 * :mod:`helpers.fake_endpoint`: a scriptable fake OpenAI endpoint for the eval tests.
+* :mod:`helpers.admission`: a small SAE catalog and the admission call (unit + fuzz tests).
+* :mod:`helpers.registry`: the runtime-SAE registry without an engine (a config, worker
+  states as TP ranks, a fake engine's collective RPC) and ``/v1/saes`` calls on a server.
 
 Server processes are started with :mod:`benchmarks.server_process`, the product's one helper.
 """

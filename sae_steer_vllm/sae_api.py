@@ -1,0 +1,210 @@
+"""The wire format of ``/v1/saes`` (what a server can steer with), and the admission rules on it.
+
+One definition for both ends: the server answers ``GET /v1/saes`` with an
+:class:`SAEList` built from its catalog, the eval harness reads the same model
+back, and :func:`check_spec_against` is the rule set the server's admission
+check (:func:`sae_steer_vllm.steering_plan.check_spec`) applies. So a sweep
+checked against a listing before its first request is refused for exactly the
+reasons the server would refuse it (the server additionally checks that a
+``strength`` times the feature's max activation is a finite number).
+
+This module imports neither torch nor vLLM: clients and benchmarks use it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .constants import STATS_FILE
+from .spec import (
+    FeatureIntervention,
+    Mode,
+    Positions,
+    SteeringSpec,
+    SteeringSpecError,
+    VectorIntervention,
+)
+
+SAES_PATH = "/v1/saes"
+"""Where a server lists (GET), registers (POST) and removes (DELETE ``/v1/saes/{name}``) SAEs."""
+
+ALL_POSITIONS: list[Positions] = list(get_args(Positions))
+
+SAE_NAME_MAX = 200
+
+
+def check_sae_name(name: str) -> str:
+    """The one naming rule for SAEs (start-up registry and runtime registration)."""
+    if not name or len(name) > SAE_NAME_MAX or any(c.isspace() for c in name):
+        raise ValueError(f"bad SAE name {name!r}: 1-{SAE_NAME_MAX} characters, no whitespace")
+    return name
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SAEEntry(_Wire):
+    """One registered SAE, as a client needs to know it (never its path on the server)."""
+
+    name: str
+    layer: int = Field(ge=0, description="decoder layer whose output (resid_post) it reads")
+    d_in: int = Field(ge=1)
+    d_sae: int = Field(ge=1, description="features 0 .. d_sae - 1")
+    architecture: str
+    modes: list[Mode] = Field(
+        description="modes its features accept: 'clamp' needs a per-feature encoder "
+        "(not TopK); 'add' needs the layer among the server's vector layers"
+    )
+    positions: list[Positions] = Field(default_factory=lambda: list(ALL_POSITIONS))
+    has_statistics: bool = Field(
+        description=f"{STATS_FILE} exists beside it, so 'strength' can be used (else 'value')"
+    )
+    runtime: bool = Field(default=False, description="registered through POST /v1/saes")
+
+
+class ModelShape(_Wire):
+    num_layers: int = Field(ge=1)
+    d_model: int = Field(ge=1)
+
+
+class ServerLimits(_Wire):
+    max_interventions: int = Field(ge=1)
+    max_clamp_per_layer: int = Field(ge=1)
+    vector_layers: list[int] = Field(description="layers that take raw vectors and 'add' mode")
+    vector_layers_setting: str = Field(description="the server's vector_layers option, as given")
+    max_spec_bytes: int | None = Field(default=None, description="largest spec JSON accepted")
+    max_body_bytes: int | None = Field(default=None, description="largest request body read")
+
+
+class RuntimeUpdates(_Wire):
+    enabled: bool = Field(description="POST/DELETE /v1/saes are allowed")
+    layers: list[int] = Field(
+        description="layers a runtime SAE may hook (those with clamp tables: --steerable-layers "
+        "plus the layers of clampable start-up SAEs)"
+    )
+    sources: list[Literal["path", "hf"]] = Field(default_factory=list)
+
+
+class SAEList(_Wire):
+    """``GET /v1/saes``."""
+
+    object: Literal["list"] = "list"
+    data: list[SAEEntry]
+    model: ModelShape
+    limits: ServerLimits
+    runtime_updates: RuntimeUpdates
+
+    def by_name(self) -> dict[str, SAEEntry]:
+        return {e.name: e for e in self.data}
+
+
+class RegisterSAE(_Wire):
+    """``POST /v1/saes``: a name and where the SAE folder is, relative to the server's
+    ``--sae-root`` (``path``) or on the Hugging Face Hub (``hf``: ``repo_id[/subfolder]``)."""
+
+    name: str
+    path: str | None = Field(default=None, min_length=1, max_length=4096)
+    hf: str | None = Field(default=None, min_length=3, max_length=400)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return check_sae_name(v)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> RegisterSAE:
+        if (self.path is None) == (self.hf is None):
+            raise ValueError("give exactly one of 'path' (under the server's --sae-root) or 'hf'")
+        return self
+
+
+def check_spec_against(spec: SteeringSpec, listing: SAEList) -> None:
+    """Refuse what the listed server cannot do exactly; messages name the field and problem.
+
+    :func:`sae_steer_vllm.steering_plan.check_spec` is this plus the finiteness of each
+    feature target (which needs the server's statistics values, not just their presence).
+    """
+    limits, model = listing.limits, listing.model
+    saes = listing.by_name()
+    n = len(spec.interventions)
+    if n > limits.max_interventions:
+        raise SteeringSpecError(
+            f"steering: {n} interventions exceed this server's limit of "
+            f"{limits.max_interventions} (max_interventions)"
+        )
+    vector_layers = set(limits.vector_layers)
+    clamps_per_layer: dict[int, int] = {}
+    seen_clamps: set[tuple[str, int]] = set()
+    for k, iv in enumerate(spec.interventions):
+        where = f"steering: interventions.{k}"
+        if isinstance(iv, VectorIntervention):
+            if iv.layer >= model.num_layers:
+                raise SteeringSpecError(
+                    f"{where}.layer: layer {iv.layer} out of range; the model has "
+                    f"{model.num_layers} layers (0..{model.num_layers - 1})"
+                )
+            if iv.layer not in vector_layers:
+                raise SteeringSpecError(
+                    f"{where}.layer: layer {iv.layer} does not accept vectors on this server "
+                    f"(vector_layers={limits.vector_layers_setting})"
+                )
+            if len(iv.vector) != model.d_model:
+                raise SteeringSpecError(
+                    f"{where}.vector: has {len(iv.vector)} dimensions; the model's hidden size "
+                    f"is {model.d_model}"
+                )
+            continue
+        _check_feature(iv, saes, where, limits, clamps_per_layer, seen_clamps)
+
+
+def _check_feature(
+    iv: FeatureIntervention,
+    saes: dict[str, SAEEntry],
+    where: str,
+    limits: ServerLimits,
+    clamps_per_layer: dict[int, int],
+    seen_clamps: set[tuple[str, int]],
+) -> None:
+    info = saes.get(iv.sae)
+    if info is None:
+        known = ", ".join(sorted(saes)) or "none"
+        raise SteeringSpecError(f"{where}.sae: unknown SAE {iv.sae!r} (registered: {known})")
+    if iv.feature >= info.d_sae:
+        raise SteeringSpecError(
+            f"{where}.feature: feature {iv.feature} out of range for SAE {iv.sae!r} "
+            f"with {info.d_sae} features"
+        )
+    if iv.strength is not None and not info.has_statistics:
+        raise SteeringSpecError(
+            f"steering: SAE {iv.sae!r} has no feature statistics ({STATS_FILE}), "
+            f"so 'strength' cannot be turned into a value; give 'value' instead "
+            f"(or run `sae-steer score` for this SAE)"
+        )
+    if iv.mode == "clamp":
+        if "clamp" not in info.modes:
+            raise SteeringSpecError(
+                f"{where}.mode: SAE {iv.sae!r} is TopK, whose feature values depend on all "
+                "features; 'clamp' cannot be applied exactly, use mode 'add'"
+                if info.architecture == "topk"
+                else f"{where}.mode: SAE {iv.sae!r} does not accept 'clamp' on this server"
+            )
+        key = (iv.sae, iv.feature)
+        if key in seen_clamps:
+            raise SteeringSpecError(
+                f"{where}: feature {iv.feature} of SAE {iv.sae!r} is clamped twice"
+            )
+        seen_clamps.add(key)
+        clamps_per_layer[info.layer] = clamps_per_layer.get(info.layer, 0) + 1
+        if clamps_per_layer[info.layer] > limits.max_clamp_per_layer:
+            raise SteeringSpecError(
+                f"{where}: more than {limits.max_clamp_per_layer} clamped features on "
+                f"layer {info.layer} (max_clamp_per_layer)"
+            )
+    elif "add" not in info.modes:
+        raise SteeringSpecError(
+            f"{where}.mode: 'add' on layer {info.layer} is disabled on this server "
+            f"(vector_layers={limits.vector_layers_setting})"
+        )
