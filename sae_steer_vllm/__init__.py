@@ -11,7 +11,9 @@ imports torch or vLLM):
 
 Hand-launch paths (public too): ``--logits-processors
 sae_steer_vllm.batch_tracker:SteeringBatchTracker``, ``--middleware
-sae_steer_vllm.middleware.SteeringMiddleware``, and the model classes
+sae_steer_vllm.middleware.SteeringMiddleware``, ``--middleware
+sae_steer_vllm.sae_routes.SAERoutes``, ``--worker-extension-cls
+sae_steer_vllm.worker_extension.SAESteerWorkerExtension`` (runtime SAE updates), and the model classes
 ``sae_steer_vllm.steered_model:Steered<Arch>ForCausalLM``.
 """
 
