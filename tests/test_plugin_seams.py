@@ -134,3 +134,38 @@ def test_v2_request_slots_fill_the_token_map(tmp_path: Path) -> None:
     slots.remove("a")
     slots.fill(batch)
     assert not ws.tok_slot.any()
+
+
+def test_v2_row_reuse_and_preempted_resumption(tmp_path: Path) -> None:
+    """Model Runner V2's two cases that matter (see model_state_v2's contract): rows come from a
+    LIFO free list, so a request removed and another added into the same row happen in one
+    step; a preempted request is removed, then comes back as a new request with its original
+    ``prompt_len``, usually in another row."""
+    pytest.importorskip("vllm.v1.worker.gpu.model_states.default")
+    from sae_steer_vllm.model_state_v2 import V2RequestSlots
+
+    ws = _worker(tmp_path)
+    slots = V2RequestSlots(ws)
+    dec = ws.catalog.rows("s").feature(2)[3]
+    slots.add(2, "a", _params(1.5), prompt_len=5)
+    # one step: "a" finishes (or is preempted) and "c" takes its row with another spec
+    slots.remove("a")
+    slots.add(2, "c", _params(-4.0), prompt_len=7)
+    assert torch.allclose(ws.tables[1].add[3], -4.0 * dec), "row 2's slot kept a's vector"
+    assert int(ws.slot_prompt_len[3]) == 7
+    # "a" resumes after preemption as a new request in row 0, prompt_len unchanged
+    slots.add(0, "a", _params(1.5), prompt_len=5)
+    assert torch.allclose(ws.tables[1].add[1], 1.5 * dec)
+    assert int(ws.slot_prompt_len[1]) == 5, "a resumed request must keep its prompt/generated split"
+    batch = SimpleNamespace(
+        num_reqs=2,
+        idx_mapping_np=np.array([2, 0]),  # batch order is not row order
+        query_start_loc_np=np.array([0, 2, 3]),
+        num_tokens=3,
+    )
+    slots.fill(batch)
+    assert ws.tok_slot[:3].tolist() == [3, 3, 1]
+    # an unsteered request added into a row whose previous owner was never removed is unsteered
+    slots.add(2, "d", _params(None), prompt_len=1)
+    slots.fill(batch)
+    assert ws.tok_slot[:3].tolist() == [0, 0, 1]
