@@ -134,7 +134,11 @@ def _on_cpu() -> bool:
 
 
 def launch_plan(
-    cmd: list[str], full: list[str], kv_setting: str, environ: dict[str, str]
+    cmd: list[str],
+    full: list[str],
+    kv_setting: str,
+    environ: dict[str, str],
+    self_check: bool = False,
 ) -> tuple[list[str], dict[str, str]]:
     """The supervisor's argv and vLLM's environment: checks the port, and on the CPU backend
     sizes the KV cache (the one line about it goes to stderr)."""
@@ -148,13 +152,20 @@ def launch_plan(
     elif kv_setting != "auto":
         print("sae-steer serve: --cpu-kv-cache-gib ignored (not the CPU backend)", file=sys.stderr)
     port_args = ["--port", port] if port.isdigit() else []
-    return [sys.executable, "-m", SUPERVISOR, *port_args, "--", *cmd], env
+    check_args = ["--self-check"] if self_check and port_args else []
+    return [sys.executable, "-m", SUPERVISOR, *check_args, *port_args, "--", *cmd], env
 
 
-def launch(cmd: list[str], full: list[str], kv_setting: str, environ: dict[str, str]) -> int:
+def launch(
+    cmd: list[str],
+    full: list[str],
+    kv_setting: str,
+    environ: dict[str, str],
+    self_check: bool = False,
+) -> int:
     """Replace this process (0.5 GB of torch and transformers by now) with the lean
     supervisor (:mod:`.serve_launch`, stdlib only), which runs vLLM: same pid as before."""
-    argv, env = launch_plan(cmd, full, kv_setting, environ)
+    argv, env = launch_plan(cmd, full, kv_setting, environ, self_check)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, argv, env)
@@ -230,6 +241,9 @@ class ServeOptions(CommandConfig):
     """register an SAE folder (SAELens or sparsify layout) under NAME; repeatable"""
     print_command: bool = False
     """print the vLLM command instead of running it"""
+    self_check: bool = True
+    """once vLLM serves, send one unsteered and one steered one-token request and stop the
+    server if they do not differ (steering would be silently ignored)"""
     cpu_kv_cache_gib: str = Field(default="auto", json_schema_extra={"cli": {"metavar": "N"}})
     """CPU backend: KV cache in GiB per worker, or auto (fits the memory free now; printed at
     start-up). Sets VLLM_CPU_KVCACHE_SPACE for vLLM; auto keeps one you set yourself"""
@@ -289,6 +303,6 @@ def main(argv: list[str]) -> int:
 
             print(shlex.join(cmd))
             return 0
-        return launch(cmd, full, opts.cpu_kv_cache_gib, environ)
+        return launch(cmd, full, opts.cpu_kv_cache_gib, environ, opts.self_check)
 
     return run_command("sae-steer serve", run)

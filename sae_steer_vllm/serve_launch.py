@@ -237,6 +237,7 @@ def supervise(
     env: Mapping[str, str],
     *,
     port: int | None = None,
+    self_check: bool = False,
     stdout: BinaryIO | None = None,
     stderr: BinaryIO | None = None,
 ) -> int:
@@ -254,6 +255,7 @@ def supervise(
     ready = threading.Event()
     stopped_by: list[int] = []
     child: list[subprocess.Popen[bytes]] = []
+    check_failed: list[str] = []
 
     def forward(signum: int, _frame: object) -> None:
         stopped_by.append(signum)
@@ -274,15 +276,50 @@ def supervise(
             proc.send_signal(stopped_by[-1])
         assert proc.stdout is not None and proc.stderr is not None
         tees = [_Tee(proc.stdout, out, tail, ready), _Tee(proc.stderr, err, tail, ready)]
+        if self_check and port is not None:
+            threading.Thread(
+                target=_self_check, args=(proc, ready, port, cmd, err, check_failed), daemon=True
+            ).start()
         rc = proc.wait()
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
     for t in tees:
         t.thread.join(timeout=10)
+    if check_failed:
+        raise ServeStartError(check_failed[0])
     if rc == 0 or ready.is_set() or stopped_by:
         return rc if rc >= 0 else 128 - rc
     raise ServeStartError(diagnose(Failure("\n".join(tail), rc, port)))
+
+
+def _self_check(
+    proc: subprocess.Popen[bytes],
+    ready: threading.Event,
+    port: int,
+    cmd: Sequence[str],
+    err: BinaryIO,
+    failed: list[str],
+) -> None:
+    """Once vLLM serves, prove steering is live (:mod:`.self_check`); if not, say so in one
+    line and stop vLLM, so a server that would silently ignore steering never stays up."""
+    from .self_check import SelfCheckError, check_steering_live
+
+    while not ready.wait(1.0):
+        if proc.poll() is not None:
+            return
+    args = list(cmd)
+    api_key = args[args.index("--api-key") + 1] if "--api-key" in args[:-1] else None
+    api_key = api_key or os.environ.get("VLLM_API_KEY")
+    try:
+        line = check_steering_live(f"http://127.0.0.1:{port}", api_key=api_key)
+    except SelfCheckError as e:
+        failed.append(f"start-up self-check failed: {e}")
+        with contextlib.suppress(ProcessLookupError):
+            proc.terminate()
+        return
+    err.write(f"{PROG}: {line}\n".encode())
+    err.flush()
 
 
 def _terminal_sent_it() -> bool:
@@ -300,13 +337,16 @@ def main(argv: list[str]) -> int:
     library (tens of MB), not the torch and transformers the checks loaded. The environment
     is vLLM's, passed through."""
     port: int | None = None
+    self_check = False
+    if argv[:1] == ["--self-check"]:
+        self_check, argv = True, argv[1:]
     if argv[:1] == ["--port"]:
         port, argv = int(argv[1]), argv[2:]
     if argv[:1] != ["--"] or len(argv) < 2:
-        print(f"usage: python -m {SUPERVISOR} [--port N] -- CMD...", file=sys.stderr)
+        print(f"usage: python -m {SUPERVISOR} [--self-check] [--port N] -- CMD...", file=sys.stderr)
         return EXIT_USAGE
     try:
-        return supervise(argv[1:], os.environ, port=port)
+        return supervise(argv[1:], os.environ, port=port, self_check=self_check)
     except SaeSteerError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr, flush=True)
         return e.exit_code
