@@ -1,5 +1,5 @@
 # The two commands the README promises. Both install what they need into .venv.
-.PHONY: setup demo test lint
+.PHONY: setup setup-lmeval demo test lint
 
 setup:
 	bash scripts/setup_env.sh
@@ -13,6 +13,10 @@ lint: setup
 	.venv/bin/ruff format --check .
 	.venv/bin/mypy sae_steer_vllm sae_training benchmarks
 
+# lm-evaluation-harness in its own environment (.venv-lmeval) for tests/test_eval_lmeval.py.
+setup-lmeval:
+	bash scripts/setup_lmeval_env.sh
+
 # Tests: set-up from scratch, lint, type-check, then the whole suite.
-test: lint
+test: lint setup-lmeval
 	.venv/bin/python -m pytest -q -ra --durations=15

@@ -22,13 +22,14 @@ if TYPE_CHECKING:
     from benchmarks.grading import Grader, check_extracted, extract_answer
     from benchmarks.problems import Problem, load_problems
     from benchmarks.report import write_report
-    from benchmarks.runner import SamplingConfig, SweepConfigError, run_sweep, run_sweep_async
+    from benchmarks.runner import SweepConfigError, run_sweep, run_sweep_async
+    from benchmarks.sampling import SamplingConfig
     from benchmarks.sweep import BASELINE, SpecFileError, grid_specs, load_specs_file
 
 _EXPORTS = {
     "run_sweep": "benchmarks.runner",
     "run_sweep_async": "benchmarks.runner",
-    "SamplingConfig": "benchmarks.runner",
+    "SamplingConfig": "benchmarks.sampling",
     "SweepConfigError": "benchmarks.runner",
     "load_problems": "benchmarks.problems",
     "Problem": "benchmarks.problems",

@@ -63,6 +63,7 @@ class _Choice(BaseModel):
     model_config = ConfigDict(extra="ignore")
     message: _Message
     finish_reason: str | None = None
+    token_ids: list[int] | None = None  # vLLM with return_token_ids: the completion's ids
 
 
 class _ChatResponse(BaseModel):
@@ -80,6 +81,7 @@ class ChatOutcome:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     tokens_estimated: bool = False
+    token_ids: list[int] | None = None
     latency_s: float = 0.0
     attempts: int = 0
     error: str | None = None
@@ -116,7 +118,7 @@ def _parse(resp: Any) -> ChatOutcome:
     reasoning = ch.message.reasoning_content or ch.message.reasoning
     # a server-side reasoning parser splits the trace off: put it back in front
     text = f"{reasoning}\n</think>\n\n{content}" if reasoning else content
-    out = ChatOutcome(text=text, finish_reason=ch.finish_reason)
+    out = ChatOutcome(text=text, finish_reason=ch.finish_reason, token_ids=ch.token_ids)
     if r.usage is not None and r.usage.completion_tokens is not None:
         out.completion_tokens = r.usage.completion_tokens
         out.prompt_tokens = r.usage.prompt_tokens
@@ -148,10 +150,14 @@ async def chat_once(
     spec: SteeringSpec | None,
     extra_body: dict[str, Any] | None = None,
     retry: RetryPolicy = RetryPolicy(),
+    stop: list[str] | None = None,
+    return_token_ids: bool = False,
 ) -> ChatOutcome:
     """Send one chat request with the retry policy; errors come back in the outcome.
 
-    Raises :class:`EndpointError` only for 401/403/404 (the run cannot succeed).
+    ``return_token_ids`` asks vLLM for the completion's token ids (sent only to servers
+    known to be vLLM: other servers may refuse the unknown field). Raises
+    :class:`EndpointError` only for 401/403/404 (the run cannot succeed).
     """
     kwargs: dict[str, Any] = {
         "model": model,
@@ -161,6 +167,10 @@ async def chat_once(
         "max_tokens": max_tokens,
         "extra_body": merge_extra_body(spec, extra_body),
     }
+    if stop:
+        kwargs["stop"] = list(stop)
+    if return_token_ids:
+        kwargs["extra_body"]["return_token_ids"] = True
     if seed is not None:
         kwargs["seed"] = seed
     last = ""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -19,10 +20,13 @@ from pydantic import Field, field_validator
 
 from benchmarks.client import EndpointError, RetryPolicy, resolve_model
 from benchmarks.grading import GraderKind
+from benchmarks.judge import JudgeConfig
+from benchmarks.multiple_choice import DEFAULT_CHOICE_SEED
 from benchmarks.options import CommaList, EndpointOptions, add_option_groups, command_parser
 from benchmarks.problems import LoadedProblems, load_problems
 from benchmarks.report import write_report
-from benchmarks.runner import SamplingConfig, SweepResult, run_sweep, shuffle_problems
+from benchmarks.runner import SweepResult, run_sweep, shuffle_problems
+from benchmarks.sampling import SamplingConfig
 from benchmarks.sweep import BASELINE, SpecFileError, SpecMap, grid_specs, load_specs_file
 from sae_steer_vllm.command import CommandConfig, add_model_options, model_from_args, run_command
 from sae_steer_vllm.constants import SAMPLES_FILE
@@ -32,7 +36,7 @@ from sae_steer_vllm.spec import Mode
 PROG = "sae-steer eval"
 
 DESCRIPTION = (
-    "Run AIME-24 / MATH-500 / GSM8K (or any JSONL) against an OpenAI-compatible chat "
+    "Run AIME-24 / MATH-500 / GSM8K / GPQA (or any JSONL) against an OpenAI-compatible chat "
     "endpoint, over a baseline and a grid of SAE steering specs; log every sample, "
     "grade with math-verify, and write summary.md, metrics.json and plots."
 )
@@ -49,8 +53,16 @@ examples:
   # a file of named specs (JSONL of {"name": ..., "spec": {...}}), continue an interrupted run
   sae-steer eval --specs-file specs.jsonl --out runs/x --resume
 
+  # the paper's protocol (prompt, stop, T 0.6, top-p 0.95, 32768 tokens) from a config file
+  sae-steer eval --config configs/paper_r1_llama8b_eval.json --out runs/paper
+
+  # GPQA-Diamond from your own file (gated: see docs/eval.md for the format)
+  sae-steer eval --dataset gpqa_diamond.jsonl --grader choice --max-tokens 32768
+
   # rebuild summary.md / plots from an existing log
   sae-steer eval --out runs/x --report-only
+
+Options given on the command line override --config.
 """
 
 
@@ -69,21 +81,39 @@ class EvalConfig(CommandConfig):
     dataset: list[str] | None = Field(
         default=None, json_schema_extra={"cli": {"action": "append", "nargs": None}}
     )
-    """preset (aime24, math500, gsm8k) or a JSONL path; repeatable (default math500). Presets
-    are read from $SAE_STEER_DATA or ../shared/data"""
+    """preset (aime24, math500, gsm8k, gpqa) or a JSONL path; repeatable (default math500).
+    Presets are read from $SAE_STEER_DATA or ../shared/data; gpqa is gated, so
+    gpqa_diamond.jsonl there is your own file"""
     problem_field: str | None = None
     """JSONL field with the problem (default: preset's / problem)"""
     answer_field: str | None = None
     """JSONL field with the gold answer (default: preset's / answer)"""
     id_field: str | None = None
     """JSONL field with a unique id (default: preset's / id / line index)"""
-    grader: Literal["math", "numeric"] | None = None
-    """math: math-verify equivalence; numeric: exact number compare (default: numeric for
-    gsm8k, math otherwise)"""
+    grader: Literal["math", "numeric", "choice"] | None = None
+    """math: math-verify equivalence; numeric: exact number compare; choice: a
+    multiple-choice file, graded by letter (default: numeric for gsm8k, choice for gpqa,
+    math otherwise)"""
+    choice_seed: int = DEFAULT_CHOICE_SEED
+    """multiple choice: seed of the per-item shuffle of the choices (simple-evals' 0)"""
     limit: int | None = None
     """use only the first N problems of each dataset"""
     shuffle_seed: int | None = None
     """take a seeded random subset instead of the first N"""
+    # --- measuring
+    think_end_id: int | None = None
+    """token id of </think> on the served model (default: asked from the server's /tokenize;
+    reasoning tokens are then counted from the completion's token ids)"""
+    reasoning_from_chars: bool = False
+    """estimate reasoning tokens from characters instead of token ids"""
+    judge_url: str | None = None
+    """OpenAI-compatible base URL of an LLM judge for the answers math-verify cannot parse"""
+    judge_model: str | None = None
+    """the judge's model name (needed with --judge-url)"""
+    judge_api_key: str | None = None
+    """the judge's API key (default: $JUDGE_API_KEY or EMPTY)"""
+    judge_max_tokens: int = Field(default=1024, ge=1)
+    """the judge's completion budget"""
     # --- steering sweep
     sae: str | None = None
     """SAE name registered on the server (for --features)"""
@@ -134,6 +164,7 @@ GROUPS = {
         "answer_field",
         "id_field",
         "grader",
+        "choice_seed",
         "limit",
         "shuffle_seed",
     ),
@@ -146,6 +177,14 @@ GROUPS = {
         "specs_file",
         "baseline",
         "spec_check",
+    ),
+    "measuring": (
+        "think_end_id",
+        "reasoning_from_chars",
+        "judge_url",
+        "judge_model",
+        "judge_api_key",
+        "judge_max_tokens",
     ),
     "output": ("out", "resume", "report_only", "plots", "grader_workers", "quiet"),
 }
@@ -163,6 +202,13 @@ def _json_obj(s: str) -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = command_parser(PROG, DESCRIPTION, EXAMPLES)
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="JSON object with any of the options below (names as in --help, with "
+        "underscores, e.g. configs/paper_r1_llama8b_eval.json); the command line wins",
+    )
     add_model_options(p, EndpointOptions, group="endpoint")
     add_option_groups(p, EvalConfig, GROUPS)
     sampling = p.add_argument_group("sampling")
@@ -214,6 +260,7 @@ def load_datasets(cfg: EvalConfig) -> list[LoadedProblems]:
             id_field=cfg.id_field,
             kind=cast(GraderKind | None, cfg.grader),
             limit=None if cfg.shuffle_seed is not None else cfg.limit,
+            choice_seed=cfg.choice_seed,
         )
         for w in lp.warnings():
             print(f"warning: {w}", file=sys.stderr)
@@ -225,6 +272,25 @@ def load_datasets(cfg: EvalConfig) -> list[LoadedProblems]:
     return loaded
 
 
+def _think_end(cfg: EvalConfig) -> int | Literal["auto"] | None:
+    if cfg.reasoning_from_chars:
+        return None
+    return cfg.think_end_id if cfg.think_end_id is not None else "auto"
+
+
+def judge_config(cfg: EvalConfig) -> JudgeConfig | None:
+    """The LLM judge of ``--judge-url/--judge-model``, or None; one without the other is a
+    usage error."""
+    if cfg.judge_url is None and cfg.judge_model is None:
+        return None
+    if not (cfg.judge_url and cfg.judge_model):
+        raise UsageError("--judge-url and --judge-model go together")
+    key = cfg.judge_api_key or os.environ.get("JUDGE_API_KEY", "EMPTY")
+    return JudgeConfig(
+        url=cfg.judge_url, model=cfg.judge_model, api_key=key, max_tokens=cfg.judge_max_tokens
+    )
+
+
 def run_eval(endpoint: EndpointOptions, sampling: SamplingConfig, cfg: EvalConfig) -> int:
     """The whole command: sweep every dataset, write the report; returns the exit code."""
     if cfg.report_only:
@@ -234,6 +300,7 @@ def run_eval(endpoint: EndpointOptions, sampling: SamplingConfig, cfg: EvalConfi
         print(rep.summary_md.read_text())
         return 0
     specs = build_specs(cfg)
+    judge = judge_config(cfg)
     loaded = load_datasets(cfg)
 
     from benchmarks.grading import Grader
@@ -267,6 +334,9 @@ def run_eval(endpoint: EndpointOptions, sampling: SamplingConfig, cfg: EvalConfi
                         grader=grader,
                         progress=not cfg.quiet,
                         check_specs=cfg.spec_check,
+                        think_end_id=_think_end(cfg),
+                        judge=judge,
+                        extra_config={"choice_seed": cfg.choice_seed},
                     )
                 )
     except EndpointError as e:
@@ -307,16 +377,41 @@ def _report(cfg: EvalConfig, results: list[SweepResult]) -> int:
     return 0
 
 
+OPTION_MODELS: tuple[type[CommandConfig], ...] = (EndpointOptions, SamplingConfig, EvalConfig)
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    """The options of a ``--config`` JSON file; an unknown name is a usage error naming it."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{path}: invalid JSON ({e.msg}, line {e.lineno})") from None
+    if not isinstance(raw, dict):
+        raise UsageError(f"{path}: expected a JSON object of options")
+    known = {n for m in OPTION_MODELS for n in m.model_fields}
+    unknown = sorted(k for k in raw if not k.startswith("_") and k not in known)
+    if unknown:
+        raise UsageError(f"{path}: unknown option(s) {unknown}")
+    return {k: v for k, v in raw.items() if not k.startswith("_")}
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
     def body() -> int:
+        if args.config is not None:
+            given = {k: v for k, v in vars(args).items() if k != "config"}
+            merged = argparse.Namespace(**{**load_config_file(args.config), **given})
+        else:
+            merged = args
         return run_eval(
-            model_from_args(EndpointOptions, args),
-            model_from_args(SamplingConfig, args),
-            model_from_args(EvalConfig, args),
+            model_from_args(EndpointOptions, merged),
+            model_from_args(SamplingConfig, merged),
+            model_from_args(EvalConfig, merged),
         )
 
     return run_command(PROG, body)

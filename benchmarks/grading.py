@@ -30,8 +30,21 @@ from decimal import Decimal, InvalidOperation
 from multiprocessing.connection import Connection
 from typing import Any, Literal
 
-GraderKind = Literal["math", "numeric"]
-GradeMethod = Literal["math_verify", "numeric", "string", "no_answer", "timeout", "error"]
+GraderKind = Literal["math", "numeric", "choice"]
+GradeMethod = Literal[
+    "math_verify",
+    "numeric",
+    "string",
+    "letter",
+    "no_answer",
+    "unparsed",
+    "judge",
+    "timeout",
+    "error",
+]
+"""How a verdict was reached. ``unparsed``: math-verify found no math expression in the answer
+or the gold and compared strings (that verdict stands, unless an LLM judge is set: it then
+decides, ``judge``)."""
 
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _ANSWER_IS_RE = re.compile(
@@ -125,16 +138,23 @@ def _string_equal(pred: str, gold: str) -> bool:
     return normalize_for_vote(pred) == normalize_for_vote(gold)
 
 
-def math_verify_equal(pred: str, gold: str, *, timeout_s: int = 3) -> bool:
-    """``math_verify`` equivalence. Call only in a main thread (its timeouts use signals)."""
+def math_verify_equal(pred: str, gold: str, *, timeout_s: int = 3) -> tuple[bool, bool]:
+    """(``math_verify``'s verdict, whether both sides parsed into a math expression).
+
+    math-verify keeps the raw string beside what it parses and falls back to comparing
+    strings when a side yields no expression ("north pole", ``a \\& b``): such a verdict is
+    returned with ``parsed = False``, so an LLM judge can overrule it. Call only in a main
+    thread (its timeouts use signals).
+    """
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
     cfg = [LatexExtractionConfig(), ExprExtractionConfig()]
     g = parse(f"${gold}$", extraction_config=cfg, parsing_timeout=timeout_s)
     p = parse(f"${pred}$", extraction_config=cfg, parsing_timeout=timeout_s)
+    parsed = any(not isinstance(x, str) for x in g) and any(not isinstance(x, str) for x in p)
     if not g or not p:
-        return False
-    return bool(verify(g, p, timeout_seconds=timeout_s))
+        return False, False
+    return bool(verify(g, p, timeout_seconds=timeout_s)), parsed
 
 
 @dataclass(frozen=True)
@@ -157,16 +177,30 @@ def check_extracted(extracted: str, gold: str, kind: GraderKind, timeout_s: int 
     if _string_equal(extracted, gold):
         return Grade(extracted, True, "string")
     try:
-        ok = math_verify_equal(extracted, gold, timeout_s=timeout_s)
+        ok, parsed = math_verify_equal(extracted, gold, timeout_s=timeout_s)
     except Exception as e:  # math-verify or sympy blew up on a strange input
         return Grade(extracted, False, "error", f"{type(e).__name__}: {e}"[:300])
+    if not parsed:
+        return Grade(extracted, ok, "unparsed", "math-verify found no expression in answer or gold")
     return Grade(extracted, ok, "math_verify")
+
+
+def grade_choice(completion: str, gold_letter: str, n_choices: int = 4) -> Grade:
+    """simple-evals' letter check (:mod:`benchmarks.multiple_choice`): no worker needed."""
+    from benchmarks.multiple_choice import extract_letter
+
+    letter = extract_letter(completion, n_choices)
+    if letter is None:
+        return Grade(None, False, "no_answer")
+    return Grade(letter, letter == gold_letter, "letter")
 
 
 def grade_completion(
     completion: str, gold: str, kind: GraderKind = "math", timeout_s: int = 3
 ) -> Grade:
     """Extract and check in the current thread (must be a main thread for timeouts to work)."""
+    if kind == "choice":
+        return grade_choice(completion, gold)
     ext = extract_answer(completion)
     if ext is None:
         return Grade(None, False, "no_answer")
@@ -281,8 +315,12 @@ class Grader:
             self._replace(w)
             return Grade(extracted, False, "error", f"grading worker died ({e!r})")
 
-    def grade(self, completion: str, gold: str, kind: GraderKind = "math") -> Grade:
+    def grade(
+        self, completion: str, gold: str, kind: GraderKind = "math", n_choices: int = 4
+    ) -> Grade:
         """Extract the answer of ``completion`` and check it against ``gold``."""
+        if kind == "choice":
+            return grade_choice(completion, gold, n_choices)
         ext = extract_answer(completion)
         if ext is None:
             return Grade(None, False, "no_answer")

@@ -8,11 +8,10 @@ Definitions (also in docs/eval.md):
   normalisation; ties go to the answer seen first) decides; samples without an
   answer do not vote.
 - completion tokens: ``usage.completion_tokens`` from the server.
-- reasoning tokens: the tokens before ``</think>``; the server reports only a
-  total, so the share is estimated by characters (``len(before)/len(all)``)
-  which is accurate to a few tokens for long traces and costs no extra
-  request. Without ``</think>`` every token counts as reasoning (the paper's
-  convention for truncated traces).
+- reasoning tokens: the completion tokens before the first ``</think>``, counted from
+  the completion's token ids (:mod:`benchmarks.think_tokens`). For endpoints that return
+  no ids, the share is estimated by characters (``len(before)/len(all)``) and the sample
+  says so. Without ``</think>`` every token counts as reasoning (a truncated trace).
 - reasoning-word rate: occurrences of the ReasonScore vocabulary per 100
   completion tokens.
 - difference to baseline: mean over problems of (spec - baseline), with a
@@ -37,15 +36,16 @@ THINK_END = "</think>"
 
 # -------------------------------------------------------------- text measures
 def split_reasoning(text: str) -> tuple[str, bool]:
-    """(text before the last ``</think>``, whether there was one); all text if none."""
-    i = text.rfind(THINK_END)
+    """(text before the first ``</think>``, whether there was one); all text if none."""
+    i = text.find(THINK_END)
     if i < 0:
         return text, False
     return text[:i], True
 
 
 def estimate_reasoning_tokens(text: str, completion_tokens: int) -> int:
-    """Tokens before ``</think>``, estimated from the character share of the completion."""
+    """Tokens before the first ``</think>``, estimated from the character share (the fallback
+    for endpoints that return no token ids)."""
     before, found = split_reasoning(text)
     if not found or not text:
         return completion_tokens
@@ -81,6 +81,8 @@ class GradedSample(BaseModel):
     completion_tokens: int
     reasoning_tokens: int
     reasoning_words: int
+    reasoning_estimated: bool = False
+    has_think_end: bool = True
 
 
 class CI(BaseModel):
@@ -102,6 +104,10 @@ class SpecMetrics(BaseModel):
     mean_reasoning_tokens: float
     reasoning_word_rate: float
     no_answer_rate: float
+    no_think_end_rate: float = float("nan")
+    """Share of samples with no ``</think>`` (truncated: all their tokens count as reasoning)."""
+    reasoning_estimated: int = 0
+    """Samples whose reasoning tokens are a character estimate (the endpoint sent no ids)."""
     accuracy_vs_baseline: CI | None = None
     tokens_vs_baseline: CI | None = None
 
@@ -174,6 +180,10 @@ def summarize(
         no_answer_rate=float(np.mean([s.extracted_answer is None for s in samples]))
         if samples
         else nan,
+        no_think_end_rate=float(np.mean([not s.has_think_end for s in samples]))
+        if samples
+        else nan,
+        reasoning_estimated=sum(s.reasoning_estimated for s in samples),
     )
 
 

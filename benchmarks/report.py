@@ -67,8 +67,8 @@ def _ci(c: CI | None, pct: bool, digits: int) -> str:
 def markdown_table(metrics: Sequence[SpecMetrics]) -> str:
     head = (
         "| dataset | spec | problems | samples | pass@1 % | Δ pass@1 (95% CI) | maj@n % "
-        "| tokens | Δ tokens (95% CI) | reasoning tokens | reasoning words /100 tok "
-        "| no answer % | errors |"
+        "| tokens | Δ tokens (95% CI) | reasoning tokens | no </think> % "
+        "| reasoning words /100 tok | no answer % | errors |"
     )
     sep = "|" + "---|" * head.count("|")
     sep = sep[: -len("---|")]
@@ -78,10 +78,42 @@ def markdown_table(metrics: Sequence[SpecMetrics]) -> str:
             f"| {m.dataset} | {m.spec_name} | {m.n_problems} | {m.n_samples} "
             f"| {fmt(m.pass_at_1, 1, True)} | {_ci(m.accuracy_vs_baseline, True, 1)} "
             f"| {fmt(m.maj_at_n, 1, True)} | {fmt(m.mean_completion_tokens, 0)} "
-            f"| {_ci(m.tokens_vs_baseline, False, 0)} | {fmt(m.mean_reasoning_tokens, 0)} "
-            f"| {fmt(m.reasoning_word_rate, 2)} | {fmt(m.no_answer_rate, 1, True)} | {m.n_errors} |"
+            f"| {_ci(m.tokens_vs_baseline, False, 0)} | {_reasoning_cell(m)} "
+            f"| {fmt(m.no_think_end_rate, 1, True)} | {fmt(m.reasoning_word_rate, 2)} | {fmt(m.no_answer_rate, 1, True)} | {m.n_errors} |"
         )
     return "\n".join(rows)
+
+
+def _reasoning_cell(m: SpecMetrics) -> str:
+    """Mean reasoning tokens; ``≈`` marks a mean that includes character estimates."""
+    cell = fmt(m.mean_reasoning_tokens, 0)
+    return f"≈{cell}" if m.reasoning_estimated and cell != "–" else cell
+
+
+def reasoning_note(records: Sequence[SampleRecord], think_end_id: Any) -> str:
+    """How the reasoning tokens of these samples were counted, in one sentence."""
+    ok = [r for r in records if r.ok]
+    from_ids = sum(r.reasoning_source == "token_ids" for r in ok)
+    est = len(ok) - from_ids
+    no_end = sum(not r.has_think_end for r in ok)
+    parts = []
+    if from_ids:
+        parts.append(
+            f"{from_ids} sample(s) counted from the completion's token ids (tokens before the "
+            f"first `</think>`, id {think_end_id})"
+        )
+    if est:
+        parts.append(
+            f"{est} sample(s) **estimated from characters** (≈ in the table: the endpoint "
+            "returned no token ids, or no `</think>` id was known)"
+        )
+    text = "Reasoning tokens: " + ("; ".join(parts) or "no samples") + "."
+    if no_end:
+        text += (
+            f" {no_end} sample(s) have no `</think>` (truncated, or a model that does not "
+            "think): all their tokens count."
+        )
+    return text
 
 
 def _spec_of(records: Sequence[SampleRecord]) -> dict[tuple[str, str], SteeringSpec | None]:
@@ -196,17 +228,24 @@ def write_report(
     cfg = read_config(out) or {}
     lines = ["# Steering sweep", ""]
     if cfg:
-        keys = ("model", "temperature", "top_p", "max_tokens", "samples", "seed")
+        keys = ("model", "prompt", "temperature", "top_p", "max_tokens", "samples", "seed", "stop")
         lines.append(", ".join(f"{k}={cfg.get(k)}" for k in keys if k in cfg))
+        if cfg.get("judge"):
+            j = cfg["judge"]
+            judged = sum(r.judge_verdict is not None for r in records)
+            lines.append(
+                f"LLM judge `{j.get('model')}` at {j.get('url')} decided {judged} sample(s) "
+                "math-verify could not parse (verdicts in samples.jsonl)."
+            )
         lines.append("")
     lines += [
         markdown_table(metrics),
         "",
         "pass@1: mean over samples, then problems. Δ: paired over problems against "
         f"`{baseline}`, 95% percentile bootstrap (2000 resamples, seed {seed}). Tokens: "
-        "completion tokens from the server's usage; reasoning tokens: those before "
-        "`</think>` (all when absent), estimated by character share. Errors are excluded "
-        "from all rates.",
+        "completion tokens from the server's usage. Errors are excluded from all rates.",
+        "",
+        reasoning_note(records, cfg.get("think_end_id")),
         "",
     ]
     if errors:

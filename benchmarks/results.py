@@ -48,6 +48,14 @@ class SampleRecord(BaseModel):
     reasoning_tokens: int = 0
     reasoning_words: int = 0
     has_think_end: bool = False
+    reasoning_source: str = "chars"
+    """How ``reasoning_tokens`` was counted: ``token_ids`` (before the first ``</think>`` id in
+    the completion's ids, the paper's count) or ``chars`` (estimated: the endpoint sent no ids)."""
+    choice_order: list[int] | None = None
+    """Multiple choice: the permutation of the file's choices shown as A, B, C, ..."""
+    judge_verdict: str | None = None
+    """The LLM judge's verdict (yes / no / unclear / error) when it decided this sample."""
+    judge_response: str | None = None
     tokens_estimated: bool = False
     latency_s: float = 0.0
     attempts: int = 0
@@ -71,6 +79,8 @@ class SampleRecord(BaseModel):
             completion_tokens=self.completion_tokens,
             reasoning_tokens=self.reasoning_tokens,
             reasoning_words=self.reasoning_words,
+            reasoning_estimated=self.reasoning_source != "token_ids",
+            has_think_end=self.has_think_end,
         )
 
 

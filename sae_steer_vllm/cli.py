@@ -19,6 +19,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "sae_steer_vllm.serve",
         "Start vLLM's OpenAI-compatible server with SAE steering (any vllm serve flag works).",
     ),
+    "convert": (
+        "sae_steer_vllm.sae.convert",
+        "Turn a pickled SAE (.pt/.pth) into the SAELens safetensors layout the server loads.",
+    ),
     "collect": (
         "sae_training.collect",
         "Run a model over a chat + reasoning-trace mix and cache resid_post activations.",

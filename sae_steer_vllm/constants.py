@@ -15,6 +15,11 @@ SAELENS_WEIGHTS = "sae_weights.safetensors"
 """SAELens weights (W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_enc, b_dec, ...)."""
 SPARSIFY_WEIGHTS = "sae.safetensors"
 """EleutherAI sparsify weights (encoder.weight, W_dec, ...), with ``cfg.json`` beside."""
+SAELENS_SCALER = "activation_scaler.json"
+"""SAELens 6.x checkpoint's dataset scaling factor (read only, to refuse an unfolded checkpoint).
+owner: sae_steer_vllm.sae.saelens_format"""
+LM_SAES_CFG = "config.json"
+"""OpenMOSS lm-saes / Llama Scope config beside ``sae_weights.safetensors``. owner: sae_steer_vllm.sae.llama_scope"""
 STATS_FILE = "feature_stats.safetensors"
 """Per-feature statistics (max activation, ReasonScore, ...). owner: sae_steer_vllm.sae.stats_file"""
 

@@ -33,7 +33,9 @@ class PluginConfig(BaseModel):
 
     saes: dict[str, str] = Field(
         default_factory=dict,
-        description="SAE name -> folder (SAELens or sparsify layout). Requests name SAEs, never paths.",
+        description="SAE name -> folder (any layout in sae_steer_vllm.sae.LAYOUTS) or Hub "
+        "address hf:owner/repo[/subfolder][@revision] (resolved to its local cache folder). "
+        "Requests name SAEs, never paths.",
     )
     max_interventions: int = Field(
         default=16, ge=1, le=4096, description="Interventions one request may carry."
@@ -85,7 +87,11 @@ class PluginConfig(BaseModel):
     def _names(cls, v: dict[str, str]) -> dict[str, str]:
         for name in v:
             check_sae_name(name)
-        return {k: str(Path(p).expanduser().resolve()) for k, p in v.items()}
+        if not v:
+            return v
+        from .sae.hub import resolve_sae_location  # the one resolver of SAE locations
+
+        return {k: str(resolve_sae_location(p)) for k, p in v.items()}
 
     @field_validator("sae_root")
     @classmethod

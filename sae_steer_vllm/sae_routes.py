@@ -5,8 +5,8 @@
 * ``POST /v1/saes`` ``{"name", "path" | "hf"}`` and ``DELETE /v1/saes/{name}``: only with
   ``--allow-runtime-sae-updates`` (off by default, like vLLM's runtime LoRA updating).
   ``path`` is resolved under ``--sae-root`` and must stay inside it; ``hf`` is
-  ``repo_id[/subfolder]`` fetched through huggingface_hub's cache (``HF_HUB_OFFLINE``
-  respected). The folder is checked by the same function as at start-up, first here,
+  ``repo_id[/subfolder][@revision]`` fetched through huggingface_hub's cache
+  (:mod:`sae_steer_vllm.sae.hub`, ``HF_HUB_OFFLINE`` respected). The folder is checked by the same function as at start-up, first here,
   then in every worker through vLLM's collective RPC (the worker extension), and only
   then admitted by the middleware. A name used by a running request cannot be removed
   (409) until that request has finished.
@@ -29,12 +29,12 @@ import asyncio
 import importlib
 import json
 import logging
-import re
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
+from .errors import SaeSteerError
 from .plugin_config import PluginConfigError
 from .sae_api import SAES_PATH, RegisterSAE, SAEEntry
 from .server_saes import ServerSAEs, server_saes
@@ -48,7 +48,6 @@ Scope = dict[str, Any]
 MAX_BODY = 64 * 1024
 """A registration request is a name and a path: anything larger is refused (413)."""
 RPC_TIMEOUT_S = 300.0
-_HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(/[\w.-]+)*$")
 
 
 class RouteError(Exception):
@@ -224,22 +223,16 @@ def resolve_under_root(root: str | None, rel: str) -> Path:
 
 
 def hf_folder(hf: str) -> Path:
-    """The local folder of ``repo_id[/subfolder]`` from huggingface_hub's cache (downloading
-    its config and safetensors files unless ``HF_HUB_OFFLINE`` is set)."""
-    if not _HF_ID.match(hf) or any(p in (".", "..") for p in hf.split("/")):
-        raise RouteError(400, f"'hf' must be 'owner/repo' or 'owner/repo/subfolder', got {hf!r}")
-    parts = hf.split("/")
-    repo, sub = "/".join(parts[:2]), "/".join(parts[2:])
-    prefix = f"{sub}/" if sub else ""
-    try:
-        from huggingface_hub import snapshot_download
+    """The local folder of ``repo_id[/subfolder][@revision]`` (``hf:`` optional) from
+    huggingface_hub's cache, through the one resolver every entry point uses
+    (:mod:`sae_steer_vllm.sae.hub`: only the SAE files, ``HF_HUB_OFFLINE`` respected)."""
+    from .sae.hub import HF_PREFIX, hub_folder, parse_hub_address
 
-        local = snapshot_download(
-            repo, allow_patterns=[f"{prefix}cfg.json", f"{prefix}*.safetensors"]
-        )
-    except Exception as e:  # noqa: BLE001 - offline misses, 404s, network errors: all a 400
-        raise RouteError(400, f"'hf' {hf!r}: {type(e).__name__}: {e}"[:1000]) from None
-    return Path(local) / sub if sub else Path(local)
+    try:
+        address = parse_hub_address(hf if hf.startswith(HF_PREFIX) else HF_PREFIX + hf)
+        return hub_folder(address)
+    except SaeSteerError as e:  # bad syntax, offline misses, 404s: all a 400
+        raise RouteError(400, f"'hf': {e}"[:1000]) from None
 
 
 def _hide_root(message: str, root: str | None) -> str:

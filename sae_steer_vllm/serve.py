@@ -238,7 +238,9 @@ class ServeOptions(CommandConfig):
         default_factory=list,
         json_schema_extra={"cli": {"action": "append", "nargs": None, "metavar": "NAME=PATH"}},
     )
-    """register an SAE folder (SAELens or sparsify layout) under NAME; repeatable"""
+    """register an SAE under NAME: a folder (SAELens, sparsify or lm-saes layout) or a Hub
+    address hf:owner/repo[/subfolder][@revision] (fetched once into the HF cache; offline
+    from the cache with HF_HUB_OFFLINE=1); repeatable"""
     print_command: bool = False
     """print the vLLM command instead of running it"""
     self_check: bool = True

@@ -43,6 +43,8 @@ MAX_SPEC_DEPTH = 16
 
 Mode = Literal["clamp", "add"]
 Positions = Literal["all", "prompt", "generated"]
+Unit = Literal["max", "quantile"]
+"""What ``strength`` multiplies: the feature's max activation or its quantile unit."""
 
 
 class SteeringSpecError(UsageError):
@@ -58,8 +60,10 @@ def _finite(v: float, name: str) -> float:
 class FeatureIntervention(BaseModel):
     """Steer one SAE feature: ``clamp`` sets it (keeping the SAE error), ``add`` adds its decoder row.
 
-    The target is ``value`` if given, else ``strength x max_activation`` of the
-    feature, taken from the statistics file beside the SAE.
+    The target is ``value`` if given, else ``strength x unit`` of the feature, taken from
+    the statistics file beside the SAE: ``unit`` ``"max"`` (default) is its max activation,
+    ``"quantile"`` a high quantile of its non-zero activations (``quantile_unit``, robust to
+    a few outlier tokens; level in the file's metadata).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -69,6 +73,7 @@ class FeatureIntervention(BaseModel):
     strength: float | None = None
     value: float | None = None
     mode: Mode = "clamp"
+    unit: Unit = "max"
 
     @field_validator("strength", "value")
     @classmethod
@@ -79,6 +84,8 @@ class FeatureIntervention(BaseModel):
     def _one_target(self) -> FeatureIntervention:
         if (self.strength is None) == (self.value is None):
             raise ValueError("give exactly one of 'strength' (x max_activation) or 'value'")
+        if self.value is not None and self.unit != "max":
+            raise ValueError("'unit' scales 'strength'; it cannot go with 'value'")
         return self
 
 

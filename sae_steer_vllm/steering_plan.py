@@ -33,7 +33,7 @@ import torch
 
 from .constants import STATS_FILE
 from .plugin_config import PluginConfig, PluginConfigError
-from .sae import SAEConfig, SAEFormatError, SAERows, load_max_activation, read_config
+from .sae import SAEConfig, SAEFormatError, SAERows, load_units, read_config
 from .sae_api import (
     ModelShape,
     RuntimeUpdates,
@@ -72,6 +72,8 @@ class SAEInfo:
     cfg: SAEConfig
     max_activation: torch.Tensor | None
     runtime: bool = False
+    units: dict[str, torch.Tensor] = field(default_factory=dict)
+    """every ``strength`` unit the statistics file holds (``stats_file.load_units``)"""
 
 
 def read_sae_info(
@@ -81,9 +83,13 @@ def read_sae_info(
     vLLM process) and for runtime registration alike. Raises :class:`PluginConfigError`."""
     try:
         cfg, _, _ = read_config(path)
-        max_act = load_max_activation(path)
+        units = load_units(path)
+        max_act = units.get("max")
     except SAEFormatError as e:
         raise PluginConfigError(f"SAE {name!r}: {e}") from None
+    refusal = cfg.serving_refusal()  # e.g. per-token normalisation (SAEConfig says why)
+    if refusal is not None:
+        raise PluginConfigError(f"SAE {name!r} ({path}): {refusal}")
     if cfg.d_in != d_model:
         raise PluginConfigError(
             f"SAE {name!r} ({path}) has d_in={cfg.d_in} but the model's hidden size is {d_model}"
@@ -97,7 +103,7 @@ def read_sae_info(
             f"SAE {name!r}: feature_stats max_activation has shape {tuple(max_act.shape)}, "
             f"expected ({cfg.d_sae},)"
         )
-    return SAEInfo(name, Path(path), cfg, max_act, runtime)
+    return SAEInfo(name, Path(path), cfg, max_act, runtime, units)
 
 
 @dataclass
@@ -252,6 +258,15 @@ def _target(iv: FeatureIntervention, info: SAEInfo) -> float:
             f"so 'strength' cannot be turned into a value; give 'value' instead "
             f"(or run `sae-steer score` for this SAE)"
         )
+    if iv.unit != "max":
+        unit = info.units.get(iv.unit)
+        if unit is None:
+            raise SteeringSpecError(
+                f"steering: SAE {iv.sae!r} has no {iv.unit!r} unit in its feature statistics "
+                f"({STATS_FILE} predates it); use unit 'max' or 'value', or re-run "
+                f"`sae-steer score` for this SAE"
+            )
+        return iv.strength * float(unit[iv.feature])
     return iv.strength * float(info.max_activation[iv.feature])
 
 

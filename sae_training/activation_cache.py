@@ -43,7 +43,10 @@ class CacheMeta(BaseModel):
     """Decoder layers collected (one ``layer_L`` tensor per shard each)."""
     d_in: int
     context_size: int
-    """Tokens per packed row (BOS + text)."""
+    """Tokens per packed row (BOS + text, or text only when ``prepend_bos`` is false)."""
+    prepend_bos: bool = True
+    """Whether every packed row started with BOS (caches written before this field
+    existed always did)."""
     tokens: int
     """Kept (non-special) token activations per layer, over all shards."""
     shard_tokens: int
@@ -144,6 +147,7 @@ class CacheWriter:
         model: str,
         context_size: int,
         mix: dict[str, Any],
+        prepend_bos: bool = True,
         split: str = "train",
         skipped_records: int = 0,
         seconds: float = 0.0,
@@ -155,6 +159,7 @@ class CacheWriter:
             layers=self.layers,
             d_in=self.d_in,
             context_size=context_size,
+            prepend_bos=prepend_bos,
             tokens=sum(self.sizes),
             shard_tokens=self.shard_tokens,
             shards=self.sizes,
@@ -175,7 +180,8 @@ def cache_matches(folder: str | Path, cfg: CollectConfig) -> bool:
 
     The one rule, used by ``sae-steer train`` (a resumed run does not collect again) and
     by the demo (adopting a cache collected earlier): same model, same token count, row
-    length, document mix, split and storage dtype, and every requested layer present
+    length, row start (with or without BOS: the residual stream of every position
+    differs), document mix, split and storage dtype, and every requested layer present
     (a cache with more layers serves as well: layers are stored separately).
     """
     try:
@@ -187,6 +193,7 @@ def cache_matches(folder: str | Path, cfg: CollectConfig) -> bool:
         and set(cfg.layers) <= set(meta.layers)
         and meta.tokens == cfg.tokens
         and meta.context_size == cfg.context_size
+        and meta.prepend_bos == cfg.prepend_bos
         and meta.mix == asdict(cfg.mix)
         and meta.split == cfg.split
         and meta.dtype == cfg.dtype

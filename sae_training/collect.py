@@ -39,6 +39,9 @@ class CollectCommand(CommandConfig):
     """cache folder to write"""
     context_size: int = CollectConfig.context_size
     """tokens per packed row"""
+    prepend_bos: bool = CollectConfig.prepend_bos
+    """start every row with BOS; --no-prepend-bos packs plain stream tokens (SAELens
+    prepend_bos false, what `sae-steer train --recipe paper-r1` trains on)"""
     batch_rows: int = CollectConfig.batch_rows
     """rows per forward pass"""
     trace_ratio: float = TextMix.trace_ratio
@@ -66,6 +69,7 @@ def _run(cmd: CollectCommand) -> int:
         layers=tuple(cmd.layers),
         tokens=cmd.tokens,
         context_size=cmd.context_size,
+        prepend_bos=cmd.prepend_bos,
         batch_rows=cmd.batch_rows,
         split=cmd.split,
         dtype=cmd.dtype,

@@ -3,7 +3,7 @@
 The documents come from a :class:`~sae_training.corpus.TextMix`, are packed into rows by
 :func:`~sae_training.tokens.pack_rows`, run through the model by
 :class:`~sae_training.lm.ResidReader`, and every position that is not special (nor a
-row's first) is kept (:func:`~sae_training.tokens.keep_mask`): special tokens' residual
+row's first when rows start with BOS) is kept (:func:`~sae_training.tokens.keep_mask`): special tokens' residual
 norms are tens of times larger than ordinary tokens' (attention sinks) and would dominate
 the reconstruction loss while never being steered. The result goes to memory
 (:func:`collect_to_memory`) or to an activation cache on disk (:func:`collect_to_disk`).
@@ -39,6 +39,8 @@ class CollectConfig:
     layers: tuple[int, ...]
     tokens: int
     context_size: int = 256
+    prepend_bos: bool = True
+    """start every packed row with BOS (false: plain stream tokens, SAELens prepend_bos false)"""
     batch_rows: int = 8
     mix: TextMix = field(default_factory=TextMix)
     split: Split = "train"
@@ -66,7 +68,8 @@ def iter_activations(
     """
     reader = ResidReader(model, cfg.layers)
     specials = special_token_ids(tokenizer)
-    rows = pack_rows(tokenizer, cfg.mix.texts(tokenizer, cfg.split, skipped), cfg.context_size)
+    texts = cfg.mix.texts(tokenizer, cfg.split, skipped)
+    rows = pack_rows(tokenizer, texts, cfg.context_size, prepend_bos=cfg.prepend_bos)
     done = 0
     bar = tqdm(
         total=cfg.tokens,
@@ -86,7 +89,7 @@ def iter_activations(
                 )
             ids = torch.stack(batch)
             acts = reader(ids)
-            keep = keep_mask(ids, specials).reshape(-1)
+            keep = keep_mask(ids, specials, prepend_bos=cfg.prepend_bos).reshape(-1)
             n = min(int(keep.sum()), cfg.tokens - done)
             chunk = {
                 layer: a.cpu().reshape(-1, a.shape[-1])[keep][:n].contiguous()
@@ -133,6 +136,7 @@ def collect_to_disk(
     writer.close(
         model=cfg.model,
         context_size=cfg.context_size,
+        prepend_bos=cfg.prepend_bos,
         mix=asdict(cfg.mix),
         split=cfg.split,
         skipped_records=len(skipped),

@@ -1,10 +1,9 @@
 """Text corpora: reading JSONL safely and rendering records through a chat template.
 
-One place defines how a reasoning trace becomes model input (problem as the
-user turn; ``<think>reasoning</think>`` then the answer as the assistant turn),
-so activations for training and for ReasonScore are taken on identical text.
-:class:`TextMix` picks the documents SAE training reads (chat + traces, with a
-held-out split).
+One place defines how a reasoning trace becomes model input, so activations for training
+and for ReasonScore are taken on identical text: the text the model itself processes when
+it generates the trace (:func:`render_trace`). :class:`TextMix` picks the documents SAE
+training reads (chat + traces, with a held-out split).
 """
 
 from __future__ import annotations
@@ -90,17 +89,86 @@ class ChatTokenizer(Protocol):
     def apply_chat_template(self, conversation: Any, **kwargs: Any) -> Any: ...
 
 
-def render_trace(tokenizer: ChatTokenizer, rec: dict[str, Any]) -> str | None:
-    """A reasoning trace as the model would have produced it; None if fields are missing."""
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+"""The reasoning delimiters of R1-style models (DeepSeek-R1 and its distills, QwQ, ...)."""
+
+TRACE_RENDERING = "generation-v1"
+"""The version of :func:`render_trace`'s output: the prompt with the generation prompt, then
+the reasoning and the answer as generated (an older cache's mix has no such field)."""
+
+_PROBE_USER = "sae-steer probe question"
+_PROBE_ANSWER = "sae-steer probe answer"
+
+
+def apply_template(tokenizer: ChatTokenizer, messages: list[dict[str, str]], **kw: Any) -> str:
+    """``apply_chat_template(..., tokenize=False)``; a tokenizer without a template is a
+    :class:`CorpusError` naming the way out, not transformers' generic ``ValueError``."""
+    if getattr(tokenizer, "chat_template", "") is None:
+        raise CorpusError(
+            "the tokenizer has no chat template, and trace and chat records are rendered "
+            "through it: use a corpus of kind 'text' (plain documents), or a model whose "
+            "tokenizer has one"
+        )
+    return str(tokenizer.apply_chat_template(messages, tokenize=False, **kw))
+
+
+@dataclass(frozen=True)
+class TraceFormat:
+    """How a tokenizer's chat template frames the model's own generation, found by rendering
+    probe conversations (:func:`trace_format`), never by model name.
+
+    ``opens_think``: the generation prompt already ends in ``<think>`` (the revised R1-distill
+    templates: ``<｜Assistant｜><think>\\n``), so the model's output starts inside its
+    reasoning and must not get a second ``<think>`` (for callers that need to know this
+    without a record, e.g. to count a completion's reasoning tokens). ``end_of_turn``: what
+    the template closes an assistant turn with (``<｜end▁of▁sentence｜>``, ``<|im_end|>``, ...),
+    without the whitespace templates put between turns: the token the model generates to
+    stop.
+    """
+
+    opens_think: bool
+    end_of_turn: str
+
+
+def trace_format(tokenizer: ChatTokenizer) -> TraceFormat:
+    """Probe the template: one user turn with the generation prompt, and one finished
+    assistant turn (whatever follows its content is the end of turn)."""
+    user = {"role": "user", "content": _PROBE_USER}
+    prompt = apply_template(tokenizer, [user], add_generation_prompt=True)
+    done = apply_template(tokenizer, [user, {"role": "assistant", "content": _PROBE_ANSWER}])
+    end = done.rsplit(_PROBE_ANSWER, 1)[1].rstrip() if _PROBE_ANSWER in done else ""
+    return TraceFormat(prompt.rstrip().endswith(THINK_OPEN), end)
+
+
+def render_trace(
+    tokenizer: ChatTokenizer, rec: dict[str, Any], fmt: TraceFormat | None = None
+) -> str | None:
+    """A reasoning trace as the model processes its own generation; None if fields are missing.
+
+    The problem goes through the template as the user turn *with the generation prompt*;
+    then the reasoning inside ``<think>...</think>``, the answer, and the template's end of
+    turn are appended as plain text, exactly what the model emits. Why not render the trace
+    as a finished assistant message: the R1-distill templates keep only what follows
+    ``</think>`` in assistant turns (earlier turns' reasoning is not shown to the model),
+    so the reasoning, the very text ReasonScore and the SAE are about, would vanish. A
+    template that already opens ``<think>`` in its generation prompt gets no second one.
+    The end of turn is kept (it is what the model generates to stop, and it separates
+    documents in packed rows); special tokens are excluded from every statistic anyway.
+    ``fmt`` is :func:`trace_format` of the tokenizer, computed here when not given.
+    """
     problem, reasoning = rec.get("problem"), rec.get("reasoning")
     if not isinstance(problem, str) or not isinstance(reasoning, str) or not reasoning.strip():
         return None
     answer = rec.get("answer") if isinstance(rec.get("answer"), str) else ""
-    messages = [
-        {"role": "user", "content": problem},
-        {"role": "assistant", "content": f"<think>\n{reasoning.strip()}\n</think>\n\n{answer}"},
-    ]
-    return str(tokenizer.apply_chat_template(messages, tokenize=False))
+    fmt = fmt or trace_format(tokenizer)
+    prompt = apply_template(
+        tokenizer, [{"role": "user", "content": problem}], add_generation_prompt=True
+    )
+    if prompt.rstrip().endswith(THINK_OPEN):  # this very prompt, not only the probe's
+        opening = "" if prompt.endswith("\n") else "\n"
+    else:
+        opening = f"{THINK_OPEN}\n"
+    return f"{prompt}{opening}{reasoning.strip()}\n{THINK_CLOSE}\n\n{answer}{fmt.end_of_turn}"
 
 
 def render_chat(tokenizer: ChatTokenizer, rec: dict[str, Any]) -> str | None:
@@ -115,7 +183,7 @@ def render_chat(tokenizer: ChatTokenizer, rec: dict[str, Any]) -> str | None:
         if m.get("role") not in ("system", "user", "assistant"):
             return None
         clean.append({"role": m["role"], "content": m["content"]})
-    return str(tokenizer.apply_chat_template(clean, tokenize=False))
+    return apply_template(tokenizer, clean)
 
 
 def render_text_column(rec: dict[str, Any], column: str) -> str | None:
@@ -132,9 +200,11 @@ def iter_rendered(
     skipped: list[BadLine] | None = None,
 ) -> Iterator[str]:
     """Render every usable record of a file; ``kind`` is ``trace``, ``chat`` or ``text``."""
+    fmt: TraceFormat | None = None
     for i, rec in enumerate(read_jsonl(path, skipped=skipped), 1):
         if kind == "trace":
-            text = render_trace(tokenizer, rec)
+            fmt = fmt or trace_format(tokenizer)
+            text = render_trace(tokenizer, rec, fmt)
         elif kind == "chat":
             text = render_chat(tokenizer, rec)
         elif kind == "text":
@@ -195,8 +265,17 @@ class TextMix:
     trace_ratio: float = 0.5
     seed: int = 0
     holdout_every: int = 50
+    trace_rendering: str = TRACE_RENDERING
+    """How traces become text (:func:`render_trace`). Part of the mix's identity, so an
+    activation cache collected with the earlier rendering (traces as finished assistant
+    messages, whose reasoning R1-distill templates drop) never matches a new collection."""
 
     def __post_init__(self) -> None:
+        if self.trace_rendering != TRACE_RENDERING:
+            raise CorpusError(
+                f"trace_rendering {self.trace_rendering!r} is not this version's "
+                f"({TRACE_RENDERING!r}); re-collect the activations"
+            )
         if not 0.0 <= self.trace_ratio <= 1.0:
             raise CorpusError(f"trace_ratio must be in [0, 1], got {self.trace_ratio}")
         if self.holdout_every < 2:

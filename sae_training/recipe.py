@@ -30,6 +30,10 @@ class Recipe(BaseModel):
     """activations collected (non-special tokens)"""
     context_size: int
     """tokens per packed row when collecting"""
+    prepend_bos: bool = True
+    """whether every packed row starts with BOS (SAELens ``prepend_bos``)"""
+    model: str | None = None
+    """the model the recipe is written for (None: the default model)"""
     train: dict[str, Any]
     """:class:`TrainConfig` fields that differ from its defaults"""
     eval_rows: int = TrainJob.eval_rows
@@ -93,6 +97,7 @@ class Recipe(BaseModel):
             model=str(model_path),
             collect_tokens=collect,
             context_size=self.context_size if context_size is None else context_size,
+            prepend_bos=self.prepend_bos,
             resume=resume,
             options=RunOptions(progress=progress),
         )
@@ -118,6 +123,38 @@ DEFAULT_RECIPE = Recipe(
         "train_tokens": 360_000,
     },
 )
+#: The paper's released SAE (andreuka18/deepseek-r1-distill-llama-8b-lmsys-openthoughts),
+#: as the authors trained it with SAELens 5.5.2: AIRI-Institute/SAE-Reasoning,
+#: training/configs/r1-distill-llama-8b.yaml (every number below is from that file;
+#: docs/training.md maps each one). Their data was LMSYS-Chat-1M + OpenThoughts-114k
+#: rendered for the model; ours is the TextMix of the job.
+PAPER_R1_RECIPE = Recipe(
+    model="deepseek-ai/DeepSeek-R1-Distill-Llama-8B",
+    layer=19,  # hook_name blocks.19.hook_resid_post
+    collect_tokens=819_200_000,  # training_tokens, one pass (streaming, no repeats)
+    context_size=1024,  # context_size
+    prepend_bos=False,  # prepend_bos: false
+    train={
+        "architecture": "standard",  # architecture: standard (ReLU, L1 x decoder norm)
+        "d_sae": 65_536,  # expansion_factor 16 x d_in 4096
+        "l1_coeff": 5.0,  # l1_coefficient
+        "l1_warmup": 0.05,  # l1_warm_up_steps 10,000 of 200,000
+        "lr": 5e-5,  # lr
+        "lr_warmup": 0.0,  # lr_warm_up_steps 0
+        "lr_decay": 0.2,  # lr_decay_steps 40,000 of 200,000, to 0 (constant scheduler)
+        "beta1": 0.9,  # adam_beta1
+        "beta2": 0.999,  # adam_beta2
+        "grad_clip": 1.0,  # SAELens 5.5 always clips at 1.0
+        "batch_size": 4096,  # train_batch_size_tokens
+        "train_tokens": 819_200_000,  # training_tokens (200,000 steps)
+        "decoder_init": "saelens-heuristic",  # decoder_heuristic_init + encoder transpose
+        "init_dec_norm": 0.1,  # SAELens's heuristic row norm
+        "apply_b_dec_to_input": False,  # apply_b_dec_to_input: false
+        "seed": 42,  # seed (our RNG, so not the same draws)
+    },
+)
+#: The named recipes of ``sae-steer train --recipe``.
+RECIPES: dict[str, Recipe] = {"default": DEFAULT_RECIPE, "paper-r1": PAPER_R1_RECIPE}
 DEFAULT_LAYER = DEFAULT_RECIPE.layer
 DEFAULT_EXPANSION = 16
 """Features per residual dimension when a run outside the recipe gives no ``d_sae``."""

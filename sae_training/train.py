@@ -3,8 +3,8 @@
 The command only turns options into a :class:`~sae_training.train_job.TrainJob` and runs
 it (:func:`~sae_training.train_job.run_training`). Training options are the fields of
 :class:`~sae_training.trainer.TrainConfig`, with its docstrings as help; their defaults
-are TrainConfig's, or the recipe's with ``--recipe default``
-(:data:`~sae_training.recipe.DEFAULT_RECIPE`). Under torchrun, ``python -m
+are TrainConfig's, or a named recipe's with ``--recipe default|paper-r1``
+(:data:`~sae_training.recipe.RECIPES`). Under torchrun, ``python -m
 sae_training.train`` runs data-parallel.
 """
 
@@ -22,8 +22,8 @@ from sae_steer_vllm.command import CommandConfig, add_model_options, model_from_
 from sae_training.activation_sources import DiskCache
 from sae_training.corpus import TextMix
 from sae_training.errors import TrainingError
-from sae_training.lm import hidden_size
-from sae_training.recipe import DEFAULT_EXPANSION, DEFAULT_OUT, DEFAULT_RECIPE, default_job
+from sae_training.lm import hidden_size, model_or_default
+from sae_training.recipe import DEFAULT_EXPANSION, DEFAULT_OUT, RECIPES, Recipe
 from sae_training.train_job import TrainJob, run_training
 from sae_training.trainer import RunOptions, TrainConfig, world
 
@@ -33,8 +33,10 @@ PROG = "sae-steer train"
 class TrainCommand(CommandConfig):
     """Data and output options of ``sae-steer train`` (training options: :data:`TrainOptions`)."""
 
-    recipe: Literal["default"] | None = None
-    """the default recipe (defaults for every option below)"""
+    recipe: Literal["default", "paper-r1"] | None = None
+    """a named recipe, defaults for every option below: default (the default model, about
+    11 min on 2 cores) or paper-r1 (the paper's released SAE: DeepSeek-R1-Distill-Llama-8B
+    layer 19, SAELens 5.5 settings; needs --model; see docs/training.md)"""
     activations: Path | None = None
     """activation cache folder written by `sae-steer collect`"""
     model: str | None = None
@@ -45,6 +47,9 @@ class TrainCommand(CommandConfig):
     """tokens to collect when --model is given"""
     context_size: int | None = None
     """tokens per packed row when collecting (recipe: 256)"""
+    prepend_bos: bool = True
+    """start every packed row with BOS when collecting; --no-prepend-bos packs plain
+    stream tokens (SAELens prepend_bos false; the paper-r1 recipe's setting)"""
     trace_ratio: float = TextMix.trace_ratio
     """fraction of documents from reasoning traces"""
     chat: str = TextMix.chat
@@ -74,12 +79,15 @@ def _optional_training_fields() -> dict[str, Any]:
     fields: dict[str, Any] = {}
     for name, f in TrainConfig.model_fields.items():
         shown = [] if f.is_required() else [f"default {f.default}"]
-        if name in DEFAULT_RECIPE.train:
-            shown.append(f"recipe {DEFAULT_RECIPE.train[name]}")
+        shown += [f"recipe {key} {r.train[name]}" for key, r in RECIPES.items() if name in r.train]
         help_text = (f.description or "") + (f" ({'; '.join(shown)})" if shown else "")
+        # A flag (bool) keeps its default, so the parser offers --x or --no-x; it counts
+        # as given only when typed (the options are dumped with exclude_unset).
+        default = f.default if f.annotation is bool else None
+        annotation = f.annotation if f.annotation is bool else f.annotation | None  # type: ignore[operator]
         fields[name] = (
-            f.annotation | None,  # type: ignore[operator]
-            Field(None, description=help_text, json_schema_extra=f.json_schema_extra),
+            annotation,
+            Field(default, description=help_text, json_schema_extra=f.json_schema_extra),
         )
     return fields
 
@@ -121,20 +129,8 @@ def job_from_command(cmd: TrainCommand, overrides: dict[str, Any]) -> TrainJob:
         "eval_rows": cmd.eval_rows,
         "lm_eval": cmd.lm_eval,
     }
-    if cmd.recipe == "default":
-        if cmd.activations is not None:
-            raise TrainingError("--recipe default collects its own activations; drop --activations")
-        job = default_job(
-            cmd.out or DEFAULT_OUT,
-            model_path=cmd.model,
-            tokens=cmd.collect_tokens,
-            layer=cmd.layer,
-            context_size=cmd.context_size,
-            resume=cmd.resume,
-            progress=cmd.progress,
-            **overrides,
-        )
-        return replace(job, **common)
+    if cmd.recipe is not None:
+        return replace(_recipe_job(cmd, RECIPES[cmd.recipe], overrides), **common)
     if (cmd.activations is None) == (cmd.model is None):
         raise TrainingError(
             "give exactly one of --activations CACHE or --model PATH (or use --recipe default)"
@@ -166,8 +162,62 @@ def job_from_command(cmd: TrainCommand, overrides: dict[str, Any]) -> TrainJob:
         activations=cmd.activations,
         collect_tokens=cmd.collect_tokens or 0,
         context_size=cmd.context_size or TrainJob.context_size,
+        prepend_bos=cmd.prepend_bos,
         resume=cmd.resume,
         **common,
+    )
+
+
+def _recipe_job(cmd: TrainCommand, recipe: Recipe, overrides: dict[str, Any]) -> TrainJob:
+    """``--recipe NAME``: the recipe, scaled to ``--collect-tokens`` or to a cache's size.
+
+    A cache must hold what the recipe collects (row length and row start), because the
+    recipe is a claim about the data as much as about the optimiser.
+    """
+    if cmd.activations is None:
+        if cmd.recipe == "default":  # the default model, runs/default-sae
+            model, out = str(model_or_default(cmd.model)), cmd.out or DEFAULT_OUT
+        elif cmd.model is None or cmd.out is None:
+            raise TrainingError(
+                f"--recipe {cmd.recipe} needs --out and --model (a local {recipe.model} "
+                "folder) or --activations (a cache collected from it)"
+            )
+        else:
+            model, out = cmd.model, cmd.out
+        job = recipe.job(
+            out,
+            model,
+            tokens=cmd.collect_tokens,
+            layer=cmd.layer,
+            context_size=cmd.context_size,
+            resume=cmd.resume,
+            progress=cmd.progress,
+            **overrides,
+        )
+        return replace(job, prepend_bos=recipe.prepend_bos and cmd.prepend_bos)
+    if cmd.recipe == "default":
+        raise TrainingError("--recipe default collects its own activations; drop --activations")
+    if cmd.out is None:
+        raise TrainingError(f"--recipe {cmd.recipe} needs --out (where the SAE folder goes)")
+    if cmd.model is not None:
+        raise TrainingError("give --model or --activations, not both")
+    cache = DiskCache(cmd.activations, cmd.layer)
+    meta = cache.meta
+    if (meta.context_size, meta.prepend_bos) != (recipe.context_size, recipe.prepend_bos):
+        raise TrainingError(
+            f"{cmd.activations} holds rows of {meta.context_size} tokens with "
+            f"prepend_bos={meta.prepend_bos}; --recipe {cmd.recipe} trains on rows of "
+            f"{recipe.context_size} with prepend_bos={recipe.prepend_bos}: collect a cache "
+            "that way, or train without --recipe"
+        )
+    return TrainJob(
+        out_dir=cmd.out,
+        train=recipe.train_config(cache.num_tokens, **overrides),
+        layer=cache.layer,
+        activations=cmd.activations,
+        context_size=meta.context_size,
+        prepend_bos=meta.prepend_bos,
+        resume=cmd.resume,
     )
 
 
@@ -198,7 +248,9 @@ def _summary(metrics: dict[str, Any]) -> str:
 
 def _run(args: argparse.Namespace) -> int:
     cmd = model_from_args(TrainCommand, args)
-    overrides = model_from_args(TrainOptions, args).model_dump(exclude_none=True)
+    overrides = model_from_args(TrainOptions, args).model_dump(
+        exclude_none=True, exclude_unset=True
+    )
     job = job_from_command(cmd, overrides)
     metrics = run_training(job)
     if world()[0] == 0:

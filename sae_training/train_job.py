@@ -54,6 +54,8 @@ class TrainJob:
     activations: Path | None = None
     collect_tokens: int = 0
     context_size: int = CollectConfig.context_size
+    prepend_bos: bool = CollectConfig.prepend_bos
+    """rows start with BOS when collecting (a cache's own setting wins when reading one)"""
     mix: TextMix = field(default_factory=TextMix)
     in_memory: bool = False
     eval_rows: int = 16
@@ -70,6 +72,7 @@ class TrainJob:
             layers=(self.layer,),
             tokens=self.collect_tokens,
             context_size=self.context_size,
+            prepend_bos=self.prepend_bos,
             mix=self.mix,
         )
 
@@ -82,12 +85,21 @@ def _log(msg: str) -> None:
 def _prepare_source(
     job: TrainJob, tokenizer: Any, model: Any
 ) -> tuple[ActivationSource, dict[str, Any]]:
-    """The training activations and the cache metadata (model name, context)."""
+    """The training activations and the cache metadata (model name, context, row start)."""
     if job.activations is not None:
         cache = DiskCache(job.activations, job.layer)
-        return cache, {"model": cache.meta.model, "context_size": cache.meta.context_size}
+        m = cache.meta
+        return cache, {
+            "model": m.model,
+            "context_size": m.context_size,
+            "prepend_bos": m.prepend_bos,
+        }
     ccfg = job.collect_config()
-    meta = {"model": ccfg.model, "context_size": ccfg.context_size}
+    meta = {
+        "model": ccfg.model,
+        "context_size": ccfg.context_size,
+        "prepend_bos": ccfg.prepend_bos,
+    }
     if job.in_memory:
         acts = collect_to_memory(ccfg, tokenizer, model, progress=job.options.progress)
         return MemoryActivations(acts[job.layer]), meta
@@ -122,6 +134,7 @@ def run_training(job: TrainJob) -> dict[str, Any]:
         model_path = cache_meta.model if Path(cache_meta.model, "config.json").is_file() else None
         if cache_meta.mix:  # evaluate on the held-out documents of the cache's own mix
             job = replace(job, mix=TextMix(**cache_meta.mix))
+        job = replace(job, prepend_bos=cache_meta.prepend_bos)  # ... cut as its rows were
     tokenizer = model = None
     if model_path is not None:
         model, tokenizer = load_model(model_path)
@@ -137,6 +150,7 @@ def run_training(job: TrainJob) -> dict[str, Any]:
         "config": job.train.model_dump(),
         "layer": job.layer,
         "model": meta["model"],
+        "prepend_bos": meta["prepend_bos"],
         "processes": n_proc,
         "normalisation_scale": result.scale,
         "train_tokens_per_second": result.tokens_per_second,
@@ -152,6 +166,7 @@ def run_training(job: TrainJob) -> dict[str, Any]:
             hook_name=resid_post_hook_name(job.layer),
             model_name=Path(meta["model"]).name,
             context_size=meta["context_size"],
+            prepend_bos=meta["prepend_bos"],  # how the training rows started
         ).cpu()
         sae.save(out)
         if result.history:
@@ -167,7 +182,8 @@ def run_training(job: TrainJob) -> dict[str, Any]:
 
 def _eval_rows(job: TrainJob, tokenizer: Any, context_size: int) -> torch.Tensor:
     rows = []
-    for r in pack_rows(tokenizer, job.mix.texts(tokenizer, "eval"), context_size):
+    texts = job.mix.texts(tokenizer, "eval")
+    for r in pack_rows(tokenizer, texts, context_size, prepend_bos=job.prepend_bos):
         rows.append(r)
         if len(rows) == job.eval_rows:
             break
@@ -180,7 +196,7 @@ def _evaluate(
     job: TrainJob, sae: SAE, tokenizer: Any, model: Any, context_size: int
 ) -> dict[str, float]:
     rows = _eval_rows(job, tokenizer, context_size)
-    keep = keep_mask(rows, special_token_ids(tokenizer))
+    keep = keep_mask(rows, special_token_ids(tokenizer), prepend_bos=job.prepend_bos)
     acts = ResidReader(model, job.layer).read_one(rows).cpu()
     res = reconstruction_metrics(sae, acts.reshape(-1, acts.shape[-1])[keep.reshape(-1)])
     if job.lm_eval:

@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from tqdm import tqdm
 
 from sae_steer_vllm.constants import CHECKPOINT_FILE
@@ -34,15 +34,17 @@ from sae_steer_vllm.files import atomic_save
 from sae_steer_vllm.sae import SAE
 from sae_training.activation_sources import ActivationSource, estimate_norm_scale
 from sae_training.architectures import ARCHITECTURES, TrainableSAE, build
+from sae_training.architectures.base import DecoderInit
 from sae_training.errors import TrainingDiverged, TrainingError
 
 
 class TrainConfig(BaseModel):
     """Everything that determines the trained weights (and nothing that does not).
 
-    The field defaults are the paper's hyperparameters (a standard ReLU SAE, Adam 5e-5,
-    batch 4096); the default model's recipe (:mod:`sae_training.recipe`) overrides some
-    of them. Each field's docstring is its ``sae-steer train --help`` text.
+    The field defaults are the paper's loss and optimiser (a standard ReLU SAE, Adam 5e-5,
+    batch 4096) with this project's init and input rule; the recipes
+    (:mod:`sae_training.recipe`: the default model's, and ``paper-r1``, the authors'
+    release) override some of them. Each field's docstring is its ``sae-steer train --help`` text.
 
     ``--resume`` compares these fields with the checkpoint's and refuses to
     continue if any differs, because mixing two configurations silently gives
@@ -82,6 +84,13 @@ class TrainConfig(BaseModel):
     """total training tokens (epochs over the data if larger)"""
     init_dec_norm: float = Field(0.1, gt=0)
     """initial decoder-row norm (standard)"""
+    decoder_init: DecoderInit = "gaussian"
+    """decoder rows at init (encoder = their transpose): gaussian = random directions;
+    saelens-heuristic = SAELens 5.5 decoder_heuristic_init, uniform [0,1) entries (the
+    paper's release)"""
+    apply_b_dec_to_input: bool = True
+    """subtract b_dec from the input before encoding; --no-apply-b-dec-to-input encodes x
+    itself, as the paper's release (saved in cfg.json, so loaders do the same)"""
     norm_tokens: int = Field(32768, gt=0)
     """tokens used to estimate the input normalisation (and calibrate batchtopk)"""
     dead_window: int = Field(1_000_000, gt=0)
@@ -187,6 +196,15 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
+def _with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's config with fields added since it was written at their defaults
+    (which is how that run trained); a config that no longer validates is compared as is."""
+    try:
+        return TrainConfig(**saved).model_dump()
+    except ValidationError:
+        return saved
+
+
 def config_diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     keys = sorted(set(a) | set(b))
     return [f"{k}: checkpoint={a.get(k)!r} now={b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
@@ -197,7 +215,14 @@ def build_sae(cfg: TrainConfig, d_in: int) -> TrainableSAE:
     cls = ARCHITECTURES[cfg.architecture]
     hp = {name: getattr(cfg, name) for name in cls.hparams}
     return build(
-        cfg.architecture, d_in, cfg.d_sae, init_dec_norm=cfg.init_dec_norm, seed=cfg.seed, **hp
+        cfg.architecture,
+        d_in,
+        cfg.d_sae,
+        init_dec_norm=cfg.init_dec_norm,
+        seed=cfg.seed,
+        decoder_init=cfg.decoder_init,
+        apply_b_dec_to_input=cfg.apply_b_dec_to_input,
+        **hp,
     )
 
 
@@ -279,7 +304,7 @@ class Trainer:
         if not self.ckpt_path.is_file():
             return False
         state = load_checkpoint(self.ckpt_path)
-        diff = config_diff(state["config"], self.cfg.model_dump())
+        diff = config_diff(_with_defaults(state["config"]), self.cfg.model_dump())
         if diff:
             raise TrainingError(
                 f"{self.ckpt_path} was written by a different configuration:\n  "

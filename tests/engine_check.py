@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 from pathlib import Path
 
 from helpers.steering import reference_prompt_logprobs
@@ -72,7 +73,15 @@ def main() -> None:
     ap.add_argument("--num-blocks", type=int, default=None, help="force preemption")
     ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--skip-reference", action="store_true")
+    ap.add_argument(
+        "--prompt-len", type=int, default=100, help="isolation prompts are this long plus 0-15"
+    )
     args = ap.parse_args()
+    t0 = time.perf_counter()
+    phases: dict[str, float] = {}
+
+    def phase(name: str) -> None:
+        phases[name] = round(time.perf_counter() - t0 - sum(phases.values()), 1)
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from transformers import AutoConfig, AutoTokenizer
@@ -101,6 +110,7 @@ def main() -> None:
                 for p in exact_prompts
             ]
 
+    phase("reference")
     kw: dict = {}
     if args.max_num_batched_tokens:
         kw["max_num_batched_tokens"] = args.max_num_batched_tokens
@@ -119,6 +129,7 @@ def main() -> None:
         disable_log_stats=False,
         **kw,
     )
+    phase("engine_start")
 
     def params(spec: SteeringSpec | None, **extra: object) -> SamplingParams:
         kw: dict = {"temperature": 0, "max_tokens": args.max_tokens, "ignore_eos": True}
@@ -152,6 +163,7 @@ def main() -> None:
             )
             report["exactness"][name] = {"max_abs_diff": max(diffs), "ref_shift": moved}
 
+    phase("exactness")
     # isolation: 16 requests, half steered (4 different specs), half not
     # stronger variants so every steered output visibly changes (else "identical to
     # alone" would hold trivially)
@@ -181,7 +193,7 @@ def main() -> None:
     filler = tok(long_prompt * 2)["input_ids"]
     batch: list[tuple[list[int], SteeringSpec | None]] = []
     for i in range(16):
-        p = filler[i * 5 : i * 5 + 100 + i]
+        p = filler[i * 5 : i * 5 + args.prompt_len + i]
         spec = iso_specs[(i // 2) % 4] if i % 2 == 0 else None
         batch.append((p, spec))
     mixed = llm.generate([prompt(p, s) for p, s in batch], [params(s) for _, s in batch])
@@ -205,6 +217,7 @@ def main() -> None:
         "steered_changed": changed,
         "steered_total": len(alone),
     }
+    phase("isolation")
     # prefix cache: the unsteered long prompt ran first; steered must not reuse its KV
     strong = SteeringSpec.from_obj(
         {"interventions": [{"sae": "test", "feature": 5, "value": 60.0, "mode": "add"}]}
@@ -230,6 +243,8 @@ def main() -> None:
         for m in llm.get_metrics()
         if "preemption" in m.name and hasattr(m, "value")
     )
+    phase("prefix_cache")
+    report["phases_s"] = phases
     Path(args.out).write_text(json.dumps(report, indent=1))
 
 

@@ -94,6 +94,14 @@ def test_pages_contain_every_part(built: tuple[Path, Path, FeatureStats]) -> Non
         n_ctx = sum(1 for t, a in tags if t == "div" and a.get("class") == "context")
         assert n_ctx == int((stats["top_values"][f] > 0).sum()) > 0
         assert any(t == "span" and a.get("class") == "tok peak" for t, a in tags)
+        # left context before every peak, and the burn-in tokens (run, never counted) marked:
+        # shown token j sits at window position top_pos + j - 16, burn-in if that is < 16
+        burn = int(stats.meta["burn_in"])
+        pos = stats["top_pos"][f][stats["top_values"][f] > 0]
+        assert burn == 16 and bool((pos >= burn).all())  # no counted peak lacks left context
+        assert sum(1 for t, a in tags if t == "span" and a.get("class") == "left") == n_ctx
+        n_burn = sum(1 for t, a in tags if t == "span" and a.get("class") == "tok burnin")
+        assert n_burn == sum(max(0, burn - int(p) + 16) for p in pos.tolist())
         assert f'data-stat="ReasonScore">{_fmt(float(stats["reasonscore"][f]))}<' in page
         assert f'data-stat="rank">{rank}<' in page
         assert f'data-stat="density">{float(stats["density"][f]):.5f}<' in page

@@ -1,9 +1,10 @@
 """lm-evaluation-harness ``local-chat-completions`` carries a steering spec via ``--gen_kwargs``.
 
-lm-eval is not a project dependency (it pulls in datasets, evaluate, ...):
-these tests run when an ``lm_eval`` executable is found, either on PATH or
-at ``$SAE_STEER_LM_EVAL`` (e.g. a side venv: ``python -m venv /tmp/lmeval &&
-/tmp/lmeval/bin/pip install 'lm-eval[api]'``), and are skipped otherwise.
+lm-eval is not a project dependency (it pulls in datasets, evaluate, ...): it lives in its
+own environment, ``.venv-lmeval``, which ``make test`` creates first
+(``scripts/setup_lmeval_env.sh``), so these tests run in ``make test``. The executable is
+``$SAE_STEER_LM_EVAL`` if set, else ``.venv-lmeval/bin/lm_eval``, else ``lm_eval`` on PATH;
+without any of them (a bare ``pytest`` before ``make setup-lmeval``) they are skipped.
 """
 
 from __future__ import annotations
@@ -20,8 +21,23 @@ from helpers.fake_endpoint import FakeServer, make_problems
 
 from sae_steer_vllm.spec import FeatureIntervention, SteeringSpec
 
-LM_EVAL = os.environ.get("SAE_STEER_LM_EVAL") or shutil.which("lm_eval")
-needs_lm_eval = pytest.mark.skipif(not LM_EVAL, reason="lm_eval not installed")
+REPO = Path(__file__).resolve().parents[1]
+LMEVAL_ENV_EXE = REPO / ".venv-lmeval" / "bin" / "lm_eval"
+
+
+def find_lm_eval() -> str | None:
+    """``$SAE_STEER_LM_EVAL``, else the project's ``.venv-lmeval``, else PATH."""
+    if os.environ.get("SAE_STEER_LM_EVAL"):
+        return os.environ["SAE_STEER_LM_EVAL"]
+    if LMEVAL_ENV_EXE.is_file() and os.access(LMEVAL_ENV_EXE, os.X_OK):
+        return str(LMEVAL_ENV_EXE)
+    return shutil.which("lm_eval")
+
+
+LM_EVAL = find_lm_eval()
+needs_lm_eval = pytest.mark.skipif(
+    not LM_EVAL, reason="lm_eval not installed (make setup-lmeval creates .venv-lmeval)"
+)
 
 TASK_YAML = """\
 task: steer_toy

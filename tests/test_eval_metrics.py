@@ -44,7 +44,8 @@ def test_reasoning_split_and_token_estimate() -> None:
     assert estimate_reasoning_tokens(text, 100) == 75
     # no </think>: every token is reasoning (truncated trace or a non-reasoning model)
     assert estimate_reasoning_tokens("just text", 42) == 42
-    assert split_reasoning("x</think>y</think>z")[0] == "x</think>y"
+    # the paper counts up to the *first* </think> (a later one is answer text quoting it)
+    assert split_reasoning("x</think>y</think>z")[0] == "x"
 
 
 def test_reasoning_word_count_uses_vocabulary_forms() -> None:

@@ -74,3 +74,45 @@ def test_real_throughput_mix(steer_server: Any) -> None:
     )
     assert res.n_errors == 0, res.errors
     assert res.output_tokens == 4 * 8 and res.output_tokens_per_s > 0
+
+
+def test_real_server_returns_token_ids_for_reasoning_length(
+    steer_server: Any, tmp_path: Path
+) -> None:
+    """vLLM's /tokenize passes admission and gives one id per special marker; with
+    ``return_token_ids`` the completion's ids come back, as many as usage counts. The default
+    model has no ``</think>`` token: "auto" falls back to the labelled estimate, and an id that
+    never occurs counts every token (a truncated trace)."""
+    from benchmarks.think_tokens import resolve_think_end_id
+
+    start_id, why = asyncio.run(
+        resolve_think_end_id(steer_server.base_url, steer_server.model, marker="<|im_start|>")
+    )
+    assert isinstance(start_id, int), why
+    none_id, why = asyncio.run(resolve_think_end_id(steer_server.base_url, steer_server.model))
+    assert none_id is None and "not one special token" in why
+    problems = load_problems("math500", limit=1).problems
+    sampling = SamplingConfig(temperature=0.0, max_tokens=16, prompt="paper")
+    res = run_sweep(
+        steer_server.base_url,
+        steer_server.model,
+        problems,
+        {BASELINE: None},
+        out_dir=tmp_path / "ids",
+        sampling=sampling,
+        progress=False,
+        think_end_id=start_id,  # generation ends at <|im_end|>: <|im_start|> never occurs
+    )
+    (rec,) = res.records
+    assert rec.ok and rec.reasoning_source == "token_ids", rec.error
+    assert rec.reasoning_tokens == rec.completion_tokens and not rec.has_think_end
+    auto = run_sweep(
+        steer_server.base_url,
+        steer_server.model,
+        problems,
+        {BASELINE: None},
+        out_dir=tmp_path / "auto",
+        sampling=sampling,
+        progress=False,
+    )
+    assert auto.records[0].reasoning_source == "chars"

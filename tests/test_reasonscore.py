@@ -77,9 +77,10 @@ class RefRollingMean:
         new_count = acc_count + count
         return acc_mean + (count / new_count) * (mean - acc_mean), new_count
 
-    def update(self, ids: list[int], acts: torch.Tensor) -> None:
+    def update(self, ids: list[int], acts: torch.Tensor, burn_in: int = 0) -> None:
+        """``burn_in``: the window's first positions are context only, like special tokens."""
         T = len(ids)
-        ignored = [t in self.ignore_ids for t in ids]
+        ignored = [t in self.ignore_ids or p < burn_in for p, t in enumerate(ids)]
         combined = [False] * T
         for j, patterns in enumerate(self.concepts):
             m = [False] * T
@@ -131,6 +132,7 @@ def reference_run(
     concepts: list[list[list[int]]],
     ignore_ids: set[int],
     expand: tuple[int, int] = (1, 2),
+    burn_in: int = 0,
 ) -> dict[str, torch.Tensor]:
     folded = ref_fold(sae)
     d = sae.cfg.d_sae
@@ -146,8 +148,10 @@ def reference_run(
             out = model(input_ids=torch.tensor([ids]), output_hidden_states=True)
             h = out.hidden_states[layer + 1][0]
             acts = ref_chunk_acts(sae, folded, h, feats).double()
-            rm.update(ids, acts)
-            keep = [t for t, tok in enumerate(ids) if tok not in ignore_ids]
+            rm.update(ids, acts, burn_in)
+            keep = [t for t, tok in enumerate(ids) if tok not in ignore_ids and t >= burn_in]
+            if not keep:  # every counted position is special
+                continue
             raw = acts[keep] / norm[feats]
             max_raw[feats] = torch.maximum(max_raw[feats], raw.max(dim=0).values)
             fired[feats] += (raw > 0).sum(dim=0)
@@ -230,7 +234,10 @@ def test_matches_authors_algorithm(
     vp = build_patterns(tok, vocab)
     concepts = [[list(p) for p in pats] for pats in vp.patterns]
     ignore_ids = special_token_ids(tok)
-    ref = reference_run(model, sae, windows, concepts, ignore_ids)
+    ref = reference_run(model, sae, windows, concepts, ignore_ids, burn_in=spec.counted_after)
+    assert spec.counted_after > 0 and st.meta["burn_in"] == spec.counted_after
+    shown = st["top_pos"][st["top_values"] > 0]
+    assert bool((shown >= spec.counted_after).all())  # no top context at a window start
 
     for name in ("mean_group", "mean_pos", "mean_neg", "reasonscore"):
         _assert_close_rel(st[name], ref[name], f"{arch}/{kind} {name}")

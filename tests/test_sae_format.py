@@ -130,8 +130,10 @@ def test_rows_match_full_load(tmp_path: Path) -> None:
         ("pickle only", "pickle"),
         ("bad shape", "W_enc has shape"),
         ("unknown arch", "unsupported architecture"),
-        ("no layer", "no hook_layer"),
-        ("unfolded norm", "normalize_activations"),
+        ("no layer", "not the residual stream"),
+        ("unfolded norm", "covariance_whitening"),
+        ("mlp hook", "not the residual stream"),
+        ("hook_z", "hook_z"),
         ("corrupt weights", "not a readable safetensors"),
         ("missing tensor", "missing tensor 'b_enc'"),
     ],
@@ -154,11 +156,15 @@ def test_bad_files_name_file_and_problem(tmp_path: Path, case: str, needle: str)
         w["W_enc"] = torch.randn(D_IN + 1, D_SAE)
         _write(folder, good_cfg, w)
     elif case == "unknown arch":
-        _write(folder, {**good_cfg, "architecture": "gated"}, w)
+        _write(folder, {**good_cfg, "architecture": "abstopk"}, w)
     elif case == "no layer":
         _write(folder, {"d_in": D_IN, "d_sae": D_SAE, "hook_name": "embed"}, w)
     elif case == "unfolded norm":
-        _write(folder, {**good_cfg, "normalize_activations": "expected_average_only_in"}, w)
+        _write(folder, {**good_cfg, "normalize_activations": "covariance_whitening"}, w)
+    elif case == "mlp hook":
+        _write(folder, {**good_cfg, "hook_name": "blocks.1.hook_mlp_out"}, w)
+    elif case == "hook_z":
+        _write(folder, {**good_cfg, "hook_name": "blocks.1.attn.hook_z"}, w)
     elif case == "corrupt weights":
         _write(folder, good_cfg, w)
         (folder / "sae_weights.safetensors").write_bytes(b"\x00garbage")
@@ -225,3 +231,130 @@ def test_stats_file_roundtrip_and_max_activation(tmp_path: Path) -> None:
     write_stats(folder, {"max_activation": torch.full((16,), float("nan"))}, {})
     with pytest.raises(SAEFormatError, match="non-finite"):
         load_max_activation(folder)
+
+
+def _release_like(folder: Path, **overrides: object) -> Path:
+    """The authors' release field set (SAELens 5.5.2 runner cfg), at D_IN/D_SAE."""
+    cfg = {
+        "architecture": "standard",
+        "d_in": D_IN,
+        "d_sae": D_SAE,
+        "hook_name": "blocks.19.hook_resid_post",
+        "hook_layer": 19,
+        "apply_b_dec_to_input": False,
+        "normalize_activations": "expected_average_only_in",
+        "prepend_bos": False,
+        "activation_fn": "relu",
+        "sae_lens_version": "5.5.2",
+        **overrides,
+    }
+    return _write(folder, cfg, _weights())
+
+
+def test_authors_release_loads_with_saelens_semantics(tmp_path: Path) -> None:
+    """expected_average_only_in is the identity at inference (SAELens folds before saving)."""
+    w = _weights()
+    sae = SAE.load(_release_like(tmp_path / "r"))
+    assert (sae.cfg.hook_layer, sae.cfg.prepend_bos, sae.cfg.apply_b_dec_to_input) == (
+        19,
+        False,
+        False,
+    )
+    assert sae.cfg.normalize_activations == "expected_average_only_in"
+    x = torch.randn(6, D_IN)
+    f = torch.relu(x @ w["W_enc"] + w["b_enc"])  # no b_dec subtraction, no rescale
+    torch.testing.assert_close(sae.encode(x), f)
+    # an unfolded checkpoint: the factor folds in once, as SAELens does
+    folded = SAE.load(tmp_path / "r", norm_scaling_factor=3.0)
+    torch.testing.assert_close(folded.encode(x), torch.relu(3.0 * x @ w["W_enc"] + w["b_enc"]))
+    torch.testing.assert_close(folded.decode(f), (f @ w["W_dec"] + w["b_dec"]) / 3.0)
+    assert folded.cfg.normalize_activations == "none"
+    with pytest.raises(SAEFormatError, match="not 'expected_average_only_in'"):
+        SAE.load(_write(tmp_path / "n", {"d_in": D_IN, "hook_layer": 1}, w), norm_scaling_factor=2)
+    # what we write keeps the fields SAELens reads
+    raw = sae.cfg.to_saelens_dict()
+    assert raw["normalize_activations"] == "expected_average_only_in"
+    assert raw["apply_b_dec_to_input"] is False and raw["metadata"]["prepend_bos"] is False
+
+
+@pytest.mark.parametrize(
+    ("hook", "layer"),
+    [
+        ("blocks.4.hook_resid_post", 4),
+        ("blocks.4.hook_resid_pre", 3),
+        ("model.layers.4", 4),
+        ("layers.4", 4),
+    ],
+)
+def test_hook_name_forms(tmp_path: Path, hook: str, layer: int) -> None:
+    cfg, _, _ = read_config(_release_like(tmp_path / "s", hook_name=hook, hook_layer=99))
+    assert cfg.hook_layer == layer
+    assert cfg.to_saelens_dict()["metadata"]["hook_layer"] == 4  # SAELens's block number
+
+
+def test_input_dependent_norm_needs_the_input_and_is_not_served(tmp_path: Path) -> None:
+    from sae_steer_vllm.plugin_config import PluginConfigError
+    from sae_steer_vllm.steering_plan import read_sae_info
+
+    folder = _release_like(tmp_path / "ln", normalize_activations="layer_norm")
+    sae = SAE.load(folder)
+    x = torch.randn(5, D_IN) * 3 + 1
+    f = sae.encode(x)
+    with pytest.raises(SAEFormatError, match=r"decode\(f, x\)"):
+        sae.decode(f)
+    xc = x - x.mean(-1, keepdim=True)
+    std = xc.std(-1, keepdim=True)
+    w = _weights()
+    torch.testing.assert_close(f, torch.relu((xc / (std + 1e-5)) @ w["W_enc"] + w["b_enc"]))
+    torch.testing.assert_close(
+        sae.decode(f, x), (f @ w["W_dec"] + w["b_dec"]) * std + x.mean(-1, keepdim=True)
+    )
+    with pytest.raises(PluginConfigError, match="layer_norm"):
+        read_sae_info("ln", folder, num_layers=24, d_model=D_IN)
+
+
+def test_gated_reads_as_its_jumprelu_in_full_and_by_rows(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(3)
+    w = _weights()
+    del w["b_enc"]
+    gate = {n: torch.randn(D_SAE, generator=g) * 0.5 for n in ("b_gate", "b_mag", "r_mag")}
+    folder = _write(
+        tmp_path / "g",
+        {"architecture": "gated", "d_in": D_IN, "d_sae": D_SAE, "hook_layer": 2},
+        {**w, **gate},
+    )
+    sae = SAE.load(folder)
+    x = torch.randn(40, D_IN)
+    sae_in = x - w["b_dec"]
+    active = (sae_in @ w["W_enc"] + gate["b_gate"]) > 0
+    mag = torch.relu(sae_in @ (w["W_enc"] * gate["r_mag"].exp()) + gate["b_mag"])
+    f = sae.encode(x)
+    torch.testing.assert_close(f, active * mag)
+    assert (f > 0).any()
+    rows = SAERows(folder)
+    for i in (0, 7, D_SAE - 1):
+        enc, bias, thr, dec = rows.feature(i)
+        pre = x @ enc + bias
+        torch.testing.assert_close(torch.relu(pre) * (pre > thr), f[:, i])
+
+
+def test_unfolded_saelens_checkpoint_is_refused_until_folded(tmp_path: Path) -> None:
+    """A 6.x mid-training checkpoint keeps its factor beside the weights, not in them."""
+    from sae_steer_vllm.plugin_config import PluginConfigError
+    from sae_steer_vllm.steering_plan import read_sae_info
+
+    folder = _release_like(tmp_path / "ckpt")
+    (folder / "activation_scaler.json").write_text(json.dumps({"scaling_factor": 0.25}))
+    with pytest.raises(SAEFormatError, match="norm_scaling_factor=0.25"):
+        SAE.load(folder)
+    with pytest.raises(PluginConfigError, match="unfolded"):
+        read_sae_info("c", folder, num_layers=24, d_model=D_IN)
+    w, x = _weights(), torch.randn(4, D_IN)
+    folded = SAE.load(folder, norm_scaling_factor=0.25)
+    torch.testing.assert_close(folded.encode(x), torch.relu(0.25 * x @ w["W_enc"] + w["b_enc"]))
+    again = SAE.load(folded.save(tmp_path / "folded"))  # the folded copy serves as is
+    assert again.cfg.normalize_activations == "none"
+    assert read_sae_info("f", tmp_path / "folded", num_layers=24, d_model=D_IN).cfg == again.cfg
+    # after SAELens's final save the scaler says null: the weights are folded
+    (folder / "activation_scaler.json").write_text(json.dumps({"scaling_factor": None}))
+    torch.testing.assert_close(SAE.load(folder).encode(x), torch.relu(x @ w["W_enc"] + w["b_enc"]))

@@ -35,10 +35,24 @@ for folder in sys.argv[2:]:
         f = sae.encode(x)
         out = sae.decode(f)
     save_file({"f": f.contiguous(), "out": out.contiguous()}, folder + "/saelens_out.safetensors")
-    info[folder] = {"cls": type(sae).__name__, "hook": sae.cfg.metadata.hook_name}
+    info[folder] = {
+        "cls": type(sae).__name__,
+        "hook": sae.cfg.metadata.hook_name,
+        "b_dec_in": sae.cfg.apply_b_dec_to_input,
+        "bos": sae.cfg.metadata.prepend_bos,
+    }
 print(json.dumps(info))
 """
 ARCHS = {"standard": "StandardSAE", "topk": "TopKSAE", "batchtopk": "JumpReLUSAE"}
+# name -> (architecture, TrainConfig fields): the paper release's settings as a fourth
+# variant (encoder input x, not x - b_dec; SAELens 5.5's decoder init; rows without BOS)
+VARIANTS = {
+    **{arch: (arch, {}) for arch in ARCHS},
+    "paper": (
+        "standard",
+        {"apply_b_dec_to_input": False, "decoder_init": "saelens-heuristic"},
+    ),
+}
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +80,10 @@ def test_saelens_loads_our_saes(saelens_python: Path, tmp_path: Path) -> None:
     x = acts[:300].contiguous()
     save_file({"x": x}, str(tmp_path / "x.safetensors"))
     folders = []
-    for arch in ARCHS:
+    for name, (arch, fields) in VARIANTS.items():
         cfg = TrainConfig(
             architecture=arch,
+            **fields,
             d_sae=64,
             k=4,
             l1_coeff=2.0,
@@ -79,7 +94,7 @@ def test_saelens_loads_our_saes(saelens_python: Path, tmp_path: Path) -> None:
         )
         with one_thread():
             res = Trainer(
-                cfg, MemoryActivations(acts), tmp_path / f"run-{arch}", RunOptions(progress=False)
+                cfg, MemoryActivations(acts), tmp_path / f"run-{name}", RunOptions(progress=False)
             ).train()
         ours = export_sae(
             res,
@@ -87,8 +102,9 @@ def test_saelens_loads_our_saes(saelens_python: Path, tmp_path: Path) -> None:
             hook_name="blocks.5.hook_resid_post",
             model_name="synthetic",
             context_size=32,
+            prepend_bos=name != "paper",
         )
-        folders.append(str(ours.save(tmp_path / arch)))
+        folders.append(str(ours.save(tmp_path / name)))
     r = subprocess.run(
         [str(saelens_python), "-c", SNIPPET, str(tmp_path / "x.safetensors"), *folders],
         capture_output=True,
@@ -97,14 +113,20 @@ def test_saelens_loads_our_saes(saelens_python: Path, tmp_path: Path) -> None:
     )
     assert r.returncode == 0, r.stderr[-3000:]
     info = json.loads(r.stdout.strip().splitlines()[-1])
-    for arch, folder in zip(ARCHS, folders, strict=True):
-        assert info[folder] == {"cls": ARCHS[arch], "hook": "blocks.5.hook_resid_post"}
+    for (name, (arch, _)), folder in zip(VARIANTS.items(), folders, strict=True):
+        paper = name == "paper"
+        assert info[folder] == {
+            "cls": ARCHS[arch],
+            "hook": "blocks.5.hook_resid_post",
+            "b_dec_in": not paper,
+            "bos": not paper,
+        }
         theirs = load_file(str(Path(folder) / "saelens_out.safetensors"))
         loaded = SAE.load(folder)
         with torch.no_grad():
             f = loaded.encode(x)
-            torch.testing.assert_close(theirs["f"], f, atol=1e-4, rtol=1e-4, msg=arch)
+            torch.testing.assert_close(theirs["f"], f, atol=1e-4, rtol=1e-4, msg=name)
             torch.testing.assert_close(
-                theirs["out"], loaded.decode(f), atol=1e-4, rtol=1e-4, msg=arch
+                theirs["out"], loaded.decode(f), atol=1e-4, rtol=1e-4, msg=name
             )
-        assert (f > 0).any(), arch
+        assert (f > 0).any(), name

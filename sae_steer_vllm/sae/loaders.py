@@ -24,12 +24,16 @@ from typing import Any
 
 import torch
 
-from ..constants import SAELENS_CFG, SAELENS_WEIGHTS, SPARSIFY_WEIGHTS
-from .config import ARCHITECTURES, SAEConfig, SAEFormatError, layer_from_text
+from ..constants import LM_SAES_CFG, SAELENS_CFG, SAELENS_WEIGHTS, SPARSIFY_WEIGHTS
+from .config import SAEConfig, SAEFormatError, layer_from_text
+from .llama_scope import llama_scope_config, llama_scope_vectors
+from .saelens_format import saelens_config
 from .tensor_file import Shapes, header_shapes, read_tensors
 
 ConfigParser = Callable[[dict[str, Any], Path, Shapes], SAEConfig]
 """(raw cfg.json, folder, tensor shapes from the weights header) -> canonical config."""
+VectorReader = Callable[[SAEConfig, Path], dict[str, torch.Tensor]]
+"""(config, weights path) -> canonical float32 ``b_enc``, ``b_dec`` (and ``threshold``)."""
 
 
 @dataclass(frozen=True)
@@ -42,14 +46,41 @@ class StoredNames:
     b_dec: str = "b_dec"
     enc_rows_first: bool = False
     """True when the encoder is stored ``[d_sae, d_in]`` (``nn.Linear``); decides square SAEs."""
+    dec_rows_first: bool = True
+    """False when the decoder is stored ``[d_in, d_sae]`` (``nn.Linear``); decides square SAEs."""
     threshold: str | None = None
     log_threshold: str | None = None
     """JumpReLU threshold stored as its logarithm (SAELens training checkpoints)."""
+
+    gate: tuple[str, str, str] | None = None
+    """Gated-SAE tensors ``(b_gate, b_mag, r_mag)`` (SAELens ``GatedSAE``). When present the
+    SAE is read as the JumpReLU it equals: ``1[x.w + b_gate > 0] * relu(e^r x.w + b_mag)``
+    is ``relu(pre) * (pre > t)`` with ``pre = x.(w e^r) + b_mag`` and ``t = b_mag - e^r
+    b_gate`` (``e^r > 0`` keeps the comparison's direction), so the server's JumpReLU clamp
+    serves it unchanged."""
+
+    def gated(self, present: set[str]) -> bool:
+        return self.gate is not None and all(n in present for n in self.gate)
+
+    def bias_name(self, present: set[str]) -> str:
+        """The stored tensor that is the canonical ``b_enc`` (``b_mag`` for a gated SAE)."""
+        return self.gate[1] if self.gate is not None and self.gated(present) else self.b_enc
+
+    def enc_scale_of(
+        self, present: set[str], get: Callable[[str], torch.Tensor]
+    ) -> torch.Tensor | None:
+        """Per-feature factor of the encoder columns (``exp(r_mag)``, gated), or None."""
+        if self.gate is None or not self.gated(present):
+            return None
+        return get(self.gate[2]).float().exp()
 
     def threshold_of(
         self, present: set[str], get: Callable[[str], torch.Tensor]
     ) -> torch.Tensor | None:
         """The canonical threshold (float32), or None; ``get`` reads one stored tensor."""
+        if self.gate is not None and self.gated(present):
+            b_gate, b_mag, r_mag = (get(n).float() for n in self.gate)
+            return b_mag - r_mag.exp() * b_gate
         if self.threshold is not None and self.threshold in present:
             return get(self.threshold).float()
         if self.log_threshold is not None and self.log_threshold in present:
@@ -65,6 +96,10 @@ class Layout:
     weights_file: str
     parse_config: ConfigParser
     stored: StoredNames
+    config_file: str = SAELENS_CFG
+    vectors: VectorReader | None = None
+    """For layouts whose small vectors need a fold (a stored norm factor): computes them
+    instead of reading ``stored.b_enc``/``b_dec``/threshold; the matrices stay as stored."""
 
 
 def _rows_first(
@@ -93,78 +128,40 @@ def orientation(
     Checks every required tensor is present and has a usable shape, so a broken
     file fails before any weights are read.
     """
-    for name in (stored.W_enc, stored.b_enc, stored.W_dec, stored.b_dec):
+    for name in (stored.W_enc, stored.bias_name(set(shapes)), stored.W_dec, stored.b_dec):
         if name not in shapes:
             raise SAEFormatError(f"{path}: missing tensor {name!r}")
     enc = _rows_first(shapes[stored.W_enc], cfg, stored.enc_rows_first, path, stored.W_enc)
-    dec = _rows_first(shapes[stored.W_dec], cfg, True, path, stored.W_dec)
+    dec = _rows_first(shapes[stored.W_dec], cfg, stored.dec_rows_first, path, stored.W_dec)
     return enc, dec
-
-
-# ------------------------------------------------------------------ SAELens (v6 and flat)
-def saelens_config(raw: dict[str, Any], folder: Path, shapes: Shapes) -> SAEConfig:
-    """SAELens ``cfg.json``: v6 (hook and model under ``metadata``) or the older flat one."""
-    meta = raw.get("metadata") if isinstance(raw.get("metadata"), dict) else {}
-    assert isinstance(meta, dict)
-
-    def get(key: str, default: Any = None) -> Any:
-        return raw.get(key, meta.get(key, default))
-
-    if "W_dec" not in shapes:
-        raise SAEFormatError("weights file has no W_dec tensor")
-    d_sae, d_in = shapes["W_dec"]
-    d_in = int(get("d_in", d_in))
-    d_sae = int(get("d_sae", d_sae))
-    arch = str(get("architecture", "standard"))
-    act_fn = str(get("activation_fn_str", get("activation_fn", "relu")))
-    k = get("k")
-    kwargs = get("activation_fn_kwargs") or {}
-    if k is None and isinstance(kwargs, dict):
-        k = kwargs.get("k")
-    if arch == "standard" and act_fn == "topk":
-        arch = "topk"
-    if arch == "batchtopk":
-        # SAELens folds BatchTopK into a JumpReLU threshold when it saves for inference
-        if "threshold" in shapes or "log_threshold" in shapes:
-            arch = "jumprelu"
-        else:
-            raise SAEFormatError("batchtopk SAE without a threshold tensor cannot run at inference")
-    if arch not in ARCHITECTURES:
-        raise SAEFormatError(f"unsupported architecture {arch!r} (supported: {ARCHITECTURES})")
-    hook_name = str(get("hook_name", ""))
-    layer = get("hook_layer")
-    if layer is None:
-        layer = layer_from_text(hook_name)
-    if layer is None:
-        raise SAEFormatError("no hook_layer and no layer number in hook_name")
-    norm = get("normalize_activations", "none")
-    if norm not in (None, "none"):
-        raise SAEFormatError(
-            f"normalize_activations={norm!r} is not folded into the weights; "
-            "fold it (SAELens: sae.fold_activation_norm_scaling_factor) and save again"
-        )
-    if hook_name and "resid_post" not in hook_name and "layers." not in hook_name:
-        raise SAEFormatError(
-            f"hook {hook_name!r} is not a residual-stream-after-layer hook (resid_post)"
-        )
-    ctx = get("context_size")
-    return SAEConfig(
-        d_in=d_in,
-        d_sae=d_sae,
-        architecture=arch,  # type: ignore[arg-type]
-        hook_layer=int(layer),
-        hook_name=hook_name,
-        model_name=str(get("model_name", "")),
-        k=None if k is None else int(k),
-        apply_b_dec_to_input=bool(get("apply_b_dec_to_input", True)),
-        dtype=str(get("dtype", "float32")),
-        context_size=None if ctx is None else int(ctx),
-    )
 
 
 # ------------------------------------------------------------------ EleutherAI sparsify
 def sparsify_config(raw: dict[str, Any], folder: Path, shapes: Shapes) -> SAEConfig:
-    """sparsify ``cfg.json``: always TopK; the layer from ``layer``, ``hookpoint`` or the folder name."""
+    """sparsify ``cfg.json``: always TopK; the layer from ``layer``, ``hookpoint`` or the folder name.
+
+    Transcoders (``transcode: true``, or a ``W_skip`` skip connection) are refused: they
+    encode one site (an MLP's input) and decode into another (its output, plus ``W_skip @ x``),
+    so there is no residual vector whose features could be clamped and written back.
+    """
+    found = [
+        what
+        for what, present in (
+            ("a W_skip tensor (skip connection)", "W_skip" in shapes),
+            ("transcode: true", bool(raw.get("transcode"))),
+            ("skip_connection: true", bool(raw.get("skip_connection"))),
+        )
+        if present
+    ]
+    if found:
+        raise SAEFormatError(
+            f"sparsify transcoder ({', '.join(found)}): it reads one site and writes another "
+            "(an MLP's input and output), so it cannot be served as a resid_post SAE"
+        )
+    known = {"encoder.weight", "encoder.bias", "W_dec", "b_dec"}
+    extra = sorted(set(shapes) - known)
+    if extra:
+        raise SAEFormatError(f"sparsify weights: unexpected tensor(s) {extra}")
     if "encoder.weight" not in shapes:
         raise SAEFormatError("sparsify weights have no encoder.weight tensor")
     d_sae, d_in = shapes["encoder.weight"]
@@ -198,7 +195,28 @@ LAYOUTS: dict[str, Layout] = {
             "saelens",
             SAELENS_WEIGHTS,
             saelens_config,
-            StoredNames("W_enc", "b_enc", threshold="threshold", log_threshold="log_threshold"),
+            StoredNames(
+                "W_enc",
+                "b_enc",
+                threshold="threshold",
+                log_threshold="log_threshold",
+                gate=("b_gate", "b_mag", "r_mag"),
+            ),
+        ),
+        Layout(
+            "llama_scope",
+            SAELENS_WEIGHTS,
+            llama_scope_config,
+            StoredNames(
+                "encoder.weight",
+                "encoder.bias",
+                "decoder.weight",
+                "decoder.bias",
+                enc_rows_first=True,
+                dec_rows_first=False,
+            ),
+            config_file=LM_SAES_CFG,
+            vectors=llama_scope_vectors,
         ),
         Layout(
             "sparsify",
@@ -208,7 +226,8 @@ LAYOUTS: dict[str, Layout] = {
         ),
     )
 }
-"""Layout name -> entry, in detection order (the first whose weights file exists wins)."""
+"""Layout name -> entry, in detection order (the first whose weights and config files both
+exist wins: a SAELens folder has ``cfg.json``, an lm-saes one ``config.json``)."""
 
 
 # ------------------------------------------------------------------ reading a folder
@@ -222,23 +241,31 @@ def read_config(folder: str | Path) -> tuple[SAEConfig, Path, str]:
     folder = Path(folder)
     if not folder.is_dir():
         raise SAEFormatError(f"{folder}: not a directory (an SAE is a folder with cfg.json)")
-    cfg_path = folder / SAELENS_CFG
-    if not cfg_path.is_file():
-        raise SAEFormatError(f"{cfg_path}: missing")
+    layout = next(
+        (
+            lo
+            for lo in LAYOUTS.values()
+            if (folder / lo.weights_file).is_file() and (folder / lo.config_file).is_file()
+        ),
+        None,
+    )
+    if layout is None:
+        if any(folder.glob("*.pt")) or any(folder.glob("*.pth")) or any(folder.glob("*.bin")):
+            raise SAEFormatError(
+                f"{folder}: only pickle weights found; the server never unpickles "
+                "(safetensors required): convert them with `sae-steer convert`"
+            )
+        if not any((folder / lo.config_file).is_file() for lo in LAYOUTS.values()):
+            raise SAEFormatError(f"{folder / SAELENS_CFG}: missing (lm-saes: {LM_SAES_CFG})")
+        names = " or ".join(sorted({lo.weights_file for lo in LAYOUTS.values()}))
+        raise SAEFormatError(f"{folder}: no {names}")
+    cfg_path = folder / layout.config_file
     try:
         raw = json.loads(cfg_path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise SAEFormatError(f"{cfg_path}: not valid JSON ({e})") from None
     if not isinstance(raw, dict):
         raise SAEFormatError(f"{cfg_path}: expected a JSON object")
-    layout = next((lo for lo in LAYOUTS.values() if (folder / lo.weights_file).is_file()), None)
-    if layout is None:
-        if any(folder.glob("*.pt")) or any(folder.glob("*.bin")):
-            raise SAEFormatError(
-                f"{folder}: only pickle weights found; safetensors required (pickle is never loaded)"
-            )
-        names = " or ".join(lo.weights_file for lo in LAYOUTS.values())
-        raise SAEFormatError(f"{folder}: no {names}")
     weights = folder / layout.weights_file
     shapes = header_shapes(weights)
     try:
@@ -256,16 +283,23 @@ def load_canonical(folder: str | Path) -> tuple[SAEConfig, dict[str, torch.Tenso
     stored = LAYOUTS[name].stored
     enc_rows_first, dec_rows_first = orientation(cfg, stored, header_shapes(path), path)
     t = read_tensors(path)
+    present = set(t)
     enc, b_enc, dec, b_dec = (
-        t[n] for n in (stored.W_enc, stored.b_enc, stored.W_dec, stored.b_dec)
+        t[n] for n in (stored.W_enc, stored.bias_name(present), stored.W_dec, stored.b_dec)
     )
     if enc_rows_first:
         enc = enc.T.contiguous()
+    enc_scale = stored.enc_scale_of(present, t.__getitem__)
+    if enc_scale is not None:
+        enc = enc.float() * enc_scale
     if not dec_rows_first:
         dec = dec.T.contiguous()
-    threshold = stored.threshold_of(set(t), t.__getitem__)
+    threshold = stored.threshold_of(present, t.__getitem__)
     canon = {"W_enc": enc, "b_enc": b_enc, "W_dec": dec, "b_dec": b_dec}
     out = {k: v.float() for k, v in canon.items()}
     if threshold is not None:
         out["threshold"] = threshold
+    fold = LAYOUTS[name].vectors
+    if fold is not None:
+        out.update(fold(cfg, path))
     return cfg, out, path

@@ -32,11 +32,19 @@ class SAERows:
         self._enc_rows_first, self._dec_rows_first = orientation(
             self.cfg, stored, shapes, self.path
         )
+        present = set(shapes)
         with opened(self.path) as f:
             self.b_dec = _owned(f.get_tensor(stored.b_dec))
-            self.b_enc = _owned(f.get_tensor(stored.b_enc))
-            thr = stored.threshold_of(set(shapes), f.get_tensor)
+            self.b_enc = _owned(f.get_tensor(stored.bias_name(present)))
+            thr = stored.threshold_of(present, f.get_tensor)
             self.threshold = None if thr is None else _owned(thr)
+            scale = stored.enc_scale_of(present, f.get_tensor)
+            self._enc_scale = None if scale is None else _owned(scale)
+        fold = LAYOUTS[self.layout].vectors
+        if fold is not None:  # a layout whose stored vectors need a norm factor folded in
+            vec = fold(self.cfg, self.path)
+            self.b_enc, self.b_dec = _owned(vec["b_enc"]), _owned(vec["b_dec"])
+            self.threshold = _owned(vec["threshold"]) if "threshold" in vec else None
 
     def feature(self, i: int) -> tuple[torch.Tensor, float, float, torch.Tensor]:
         """(encoder column [d_in], effective bias, threshold, decoder row [d_in]).
@@ -54,6 +62,8 @@ class SAERows:
         # Copy out: a float32 slice can be a view of the file's memory map, and keeping
         # it would keep one mapping of the whole file alive per feature ever planned.
         enc = _owned(enc)
+        if self._enc_scale is not None:  # a gated SAE, read as its JumpReLU (loaders.StoredNames)
+            enc = enc * self._enc_scale[i]
         dec = _owned(dec)
         bias = float(self.b_enc[i])
         if self.cfg.apply_b_dec_to_input:

@@ -11,12 +11,39 @@ saved) lives in the subclass. Weights use the SAELens orientation:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 
 from sae_steer_vllm.sae import SAE, Architecture, SAEConfig
 from sae_training.architectures.sparse_ops import sparse_decode_rows
+
+DecoderInit = Literal["gaussian", "saelens-heuristic"]
+"""How decoder rows start (the encoder always starts as the decoder's transpose):
+
+* ``gaussian``: random directions (normal entries), rows scaled to the initial norm;
+* ``saelens-heuristic``: SAELens 5.5's ``decoder_heuristic_init`` (what the paper's release
+  used): uniform [0, 1) entries (``torch.rand``, so every row lies in the positive
+  orthant), rows scaled to the initial norm (SAELens: 0.1).
+"""
+
+
+def initial_decoder(
+    d_sae: int, d_in: int, norm: float, rule: DecoderInit, g: torch.Generator
+) -> torch.Tensor:
+    """``[d_sae, d_in]`` decoder rows of norm ``norm`` drawn by ``rule`` from ``g``.
+
+    Why both: ``gaussian`` is the heuristic of Anthropic's April 2024 update as usually
+    written (random directions); SAELens 5.5 implemented it with ``torch.rand``, and a
+    reproduction of an SAE trained with it should start where it started.
+    """
+    if rule == "gaussian":
+        w = torch.randn(d_sae, d_in, generator=g)
+    elif rule == "saelens-heuristic":
+        w = torch.rand(d_sae, d_in, generator=g)
+    else:
+        raise ValueError(f"unknown decoder init {rule!r} (gaussian, saelens-heuristic)")
+    return w / w.norm(dim=1, keepdim=True) * norm
 
 
 @dataclass
@@ -63,22 +90,39 @@ class TrainableSAE(torch.nn.Module):
     #: names of the training-config fields this architecture takes as constructor kwargs
     hparams: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, d_in: int, d_sae: int, *, init_dec_norm: float = 0.1, seed: int = 0) -> None:
+    def __init__(
+        self,
+        d_in: int,
+        d_sae: int,
+        *,
+        init_dec_norm: float = 0.1,
+        seed: int = 0,
+        decoder_init: DecoderInit = "gaussian",
+        apply_b_dec_to_input: bool = True,
+    ) -> None:
         super().__init__()
         self.d_in, self.d_sae = d_in, d_sae
+        #: False: the encoder sees ``x`` itself, not ``x - b_dec`` (saved in cfg.json)
+        self.apply_b_dec_to_input = apply_b_dec_to_input
         g = torch.Generator().manual_seed(seed)
-        # Decoder rows: random directions of a small fixed norm; encoder = decoder
-        # transpose ("heuristic init", Anthropic Apr. 2024 update / the paper).
-        w = torch.randn(d_sae, d_in, generator=g)
-        w = w / w.norm(dim=1, keepdim=True) * (1.0 if self.unit_norm_decoder else init_dec_norm)
+        norm = 1.0 if self.unit_norm_decoder else init_dec_norm
+        w = initial_decoder(d_sae, d_in, norm, decoder_init, g)
         self.W_dec = torch.nn.Parameter(w.clone())
         self.W_enc = torch.nn.Parameter(w.T.clone().contiguous())
         self.b_enc = torch.nn.Parameter(torch.zeros(d_sae))
         self.b_dec = torch.nn.Parameter(torch.zeros(d_in))
 
     # ---------------------------------------------------------------- hooks
+    def encoder_offset(self) -> torch.Tensor:
+        """What is subtracted from the input before encoding: ``b_dec``, or zeros when
+        ``apply_b_dec_to_input`` is false (then ``b_dec`` gets gradient only from the
+        reconstruction, as in SAELens)."""
+        return self.b_dec if self.apply_b_dec_to_input else torch.zeros_like(self.b_dec)
+
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.b_dec) @ self.W_enc + self.b_enc
+        if self.apply_b_dec_to_input:
+            x = x - self.b_dec
+        return x @ self.W_enc + self.b_enc
 
     def training_forward(self, x: torch.Tensor, progress: float) -> ForwardOutput:
         """Loss and diagnostics; ``progress`` in [0, 1] drives penalty schedules."""
@@ -142,7 +186,12 @@ class TrainableSAE(torch.nn.Module):
         extra = self.inference_kwargs()
         threshold = extra.pop("threshold", None)
         cfg = SAEConfig(
-            d_in=self.d_in, d_sae=self.d_sae, architecture=self.saved_as, **extra, **cfg_fields
+            d_in=self.d_in,
+            d_sae=self.d_sae,
+            architecture=self.saved_as,
+            apply_b_dec_to_input=self.apply_b_dec_to_input,
+            **extra,
+            **cfg_fields,
         )
         return SAE(
             cfg,

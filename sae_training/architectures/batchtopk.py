@@ -41,7 +41,7 @@ class BatchTopKSAE(TopKSAE):
         self.register_buffer("threshold", torch.tensor(-1.0))
 
     def sparse_encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return batchtopk_encode(x, self.b_dec, self.W_enc, self.b_enc, self.k)
+        return batchtopk_encode(x, self.encoder_offset(), self.W_enc, self.b_enc, self.k)
 
     def extra_terms(self, vals: torch.Tensor) -> dict[str, torch.Tensor]:
         """Move the running threshold towards the smallest activation the batch kept."""

@@ -36,7 +36,7 @@ class TopKSAE(TrainableSAE):
 
     def sparse_encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(vals, idx)`` of the active features per token (the k largest)."""
-        return topk_encode(x, self.b_dec, self.W_enc, self.b_enc, self.k)
+        return topk_encode(x, self.encoder_offset(), self.W_enc, self.b_enc, self.k)
 
     def extra_terms(self, vals: torch.Tensor) -> dict[str, torch.Tensor]:
         """Architecture state updated from a batch's selected values, logged with the loss."""

@@ -12,6 +12,7 @@ from pydantic import Field
 from sae_steer_vllm.command import CommandConfig, run_model_command
 from sae_steer_vllm.constants import DASHBOARD_DIR, STATS_FILE
 from sae_steer_vllm.errors import UsageError
+from sae_steer_vllm.sae.hub import HF_PREFIX, resolve_sae_location
 from sae_training.features.dashboard import build_dashboard
 from sae_training.recipe import DEFAULT_OUT
 
@@ -26,7 +27,8 @@ class DashboardCommand(CommandConfig):
     """
 
     sae: Path = DEFAULT_OUT
-    """SAE folder holding feature_stats.safetensors"""
+    """SAE folder holding feature_stats.safetensors, or Hub address
+    hf:owner/repo[/subfolder][@revision] (then --out is required)"""
     stats: Path | None = None
     """statistics file (default: <sae>/feature_stats.safetensors)"""
     model: str | None = None
@@ -38,15 +40,20 @@ class DashboardCommand(CommandConfig):
 
 
 def _run(cmd: DashboardCommand) -> int:
-    stats = cmd.stats or cmd.sae / STATS_FILE
+    sae = cmd.sae
+    if str(sae).startswith(HF_PREFIX):  # the one resolver the server uses; cache stays read-only
+        if cmd.out is None:
+            raise UsageError(f"--sae {sae}: pass --out (pages are not written into the Hub cache)")
+        sae = resolve_sae_location(str(sae))
+    stats = cmd.stats or sae / STATS_FILE
     if not stats.is_file():
         raise UsageError(f"{stats} not found (run `sae-steer score --sae {cmd.sae}`)")
     index = build_dashboard(
         stats,
-        cmd.out or cmd.sae / DASHBOARD_DIR,
+        cmd.out or sae / DASHBOARD_DIR,
         top_k=cmd.top_k,
         model_path=cmd.model,
-        sae_path=cmd.sae,
+        sae_path=sae,
         progress=True,
     )
     print(f"wrote {index}")

@@ -26,6 +26,8 @@ th { background: #f0f0f3; } td.l, th.l { text-align: left; }
            background: #fff; border: 1px solid #e3e3e3; border-radius: 4px; padding: 6px 8px;
            margin: 4px 0; white-space: pre-wrap; word-break: break-all; }
 .tok { border-radius: 2px; } .tok.peak { outline: 1.5px solid #b3261e; }
+.left { border-right: 2px solid #b3261e; padding-right: 2px; margin-right: 2px; }
+.tok.burnin { color: #8a8a8a; text-decoration: underline dotted #8a8a8a; }
 .val { color: #666; font-size: 12px; margin-left: 8px; }
 .bar { fill: #4a78c2; } .gbar { background: #e08a2c; height: 12px; display: inline-block; }
 .detector { color: #b3261e; font-weight: 600; }
@@ -93,19 +95,34 @@ def histogram_svg(
 
 
 def context_html(
-    tokenizer: Any, tokens: list[int], acts: list[float], peak: int, scale: float, value: float
+    tokenizer: Any,
+    tokens: list[int],
+    acts: list[float],
+    peak: int,
+    scale: float,
+    value: float,
+    n_burn_in: int = 0,
 ) -> str:
-    spans = []
+    """One top context: the left context (the tokens before the peak, in a ``left`` span
+    closed by a rule), the peak (outlined) and what follows. The first ``n_burn_in`` shown
+    tokens lie in the window's burn-in: run for context, never counted (grey, dotted)."""
+    left: list[str] = []
+    rest: list[str] = []
     for j, (tid, a) in enumerate(zip(tokens, acts, strict=True)):
         if tid < 0:
             continue
         alpha = 0.0 if scale <= 0 else max(0.0, min(1.0, a / scale))
-        cls = "tok peak" if j == peak else "tok"
-        spans.append(
+        cls = "tok peak" if j == peak else "tok burnin" if j < n_burn_in else "tok"
+        title = "burn-in: context only, not counted" if j < n_burn_in else f"{a:.4f}"
+        (left if j < peak else rest).append(
             f'<span class="{cls}" style="background: rgba(240,90,20,{alpha:.3f})" '
-            f'title="{a:.4f}">{_esc(token_text(tokenizer, tid))}</span>'
+            f'title="{title}">{_esc(token_text(tokenizer, tid))}</span>'
         )
-    return f'<div class="context">{"".join(spans)}<span class="val">{_fmt(value)}</span></div>'
+    left_html = f'<span class="left" title="left context">{"".join(left)}</span>' if left else ""
+    return (
+        f'<div class="context">{left_html}{"".join(rest)}'
+        f'<span class="val">{_fmt(value)}</span></div>'
+    )
 
 
 def _page(title: str, body: str) -> str:
@@ -125,6 +142,7 @@ def feature_page(
 ) -> str:
     t = stats.tensors
     ctx_before = int(stats.meta.get("ctx_before", 16))
+    burn_in = int(stats.meta.get("burn_in", 0))  # 0 in files written before burn-in
     mx = float(t["max_activation"][f])
     levels = [float(q) for q in t["quantile_levels"].tolist()]
     qs = t["quantiles"][f].tolist()
@@ -140,6 +158,9 @@ def feature_page(
         ("max activation (raw)", _fmt(mx)),
         ("max activation (folded)", _fmt(float(t["max_activation_folded"][f]))),
     ]
+    if "quantile_unit" in t:
+        level = stats.meta.get("quantile_unit_level")
+        summary.append((f"quantile unit (q={level}, raw)", _fmt(float(t["quantile_unit"][f]))))
     summary += [
         (f"q{round(q * 100)} of non-zero", _fmt(v)) for q, v in zip(levels, qs, strict=True)
     ]
@@ -187,6 +208,8 @@ def feature_page(
                 ctx_before,
                 mx,
                 v,
+                # shown token j sits at window position top_pos + j - ctx_before
+                max(0, burn_in - int(t["top_pos"][f, s]) + ctx_before),
             )
         )
     ctx_html = "".join(contexts) or '<p class="muted">This feature never fired on the corpus.</p>'
@@ -201,7 +224,11 @@ def feature_page(
         f'<h2>Reasoning-word groups (p<sub>ij</sub>)</h2><table class="groups">{group_rows}'
         f'</table></div><div class="card"><h2>Logit lens</h2><div class="grid">'
         f"{lens_table('top', lens[0])}{lens_table('bottom', lens[1])}</div></div></div>"
-        f'<h2>Top activating contexts</h2><div class="contexts">{ctx_html}</div>'
+        f'<h2>Top activating contexts</h2><p class="muted">Each context shows '
+        f"{ctx_before} tokens of left context before the peak (outlined), then what "
+        f"follows; grey dotted tokens are the window's burn-in ({burn_in} tokens run for "
+        f"context, never counted).</p>"
+        f'<div class="contexts">{ctx_html}</div>'
     )
     return _page(f"Feature {f}", body)
 

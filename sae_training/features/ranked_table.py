@@ -14,23 +14,42 @@ import math
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from sae_steer_vllm.constants import TABLE_CSV, TABLE_JSON
 from sae_steer_vllm.files import atomic_write, atomic_write_json
 from sae_training.features.feature_stats import FeatureStats
 from sae_training.features.token_dependence import TOKEN_DETECTOR_RATIO, TokenDependence
 
 
+def select_features(
+    stats: FeatureStats, top_k: int = 100, quantile: float | None = None
+) -> list[int]:
+    """Feature indices by descending ReasonScore: the top ``top_k``, or with ``quantile``
+    every feature whose score is above that quantile of all ``d_sae`` scores (the paper's
+    candidate selection, q = 0.997; ``torch.quantile``, linear interpolation)."""
+    ranking = stats.ranking()
+    if quantile is None:
+        return [int(f) for f in ranking[:top_k].tolist()]
+    if not 0.0 < quantile < 1.0:
+        raise ValueError(f"quantile must be in (0, 1), got {quantile}")
+    score = stats.tensors["reasonscore"].double()
+    threshold = float(torch.quantile(score, quantile))
+    return [int(f) for f in ranking.tolist() if float(score[f]) > threshold]
+
+
 def ranked_rows(
     stats: FeatureStats,
     top_k: int = 100,
     token_dep: dict[int, TokenDependence] | None = None,
+    quantile: float | None = None,
 ) -> list[dict[str, Any]]:
-    """The top ``top_k`` features by ReasonScore with their parts and summaries."""
+    """The selected features (:func:`select_features`) with their parts and summaries."""
     t = stats.tensors
     groups = stats.groups
     levels = [float(q) for q in t["quantile_levels"].tolist()]
     rows = []
-    for rank, f in enumerate(stats.ranking()[:top_k].tolist(), 1):
+    for rank, f in enumerate(select_features(stats, top_k, quantile), 1):
         share = t["group_share"][f]
         top_group = int(share.argmax())
         row: dict[str, Any] = {
@@ -46,6 +65,8 @@ def ranked_rows(
             "max_activation": float(t["max_activation"][f]),
             "max_activation_folded": float(t["max_activation_folded"][f]),
         }
+        if "quantile_unit" in t:
+            row["quantile_unit"] = float(t["quantile_unit"][f])
         for q, v in zip(levels, t["quantiles"][f].tolist(), strict=True):
             row[f"q{round(q * 100):02d}"] = float(v)
         row["top_group"] = groups[top_group] if float(share.sum()) > 0 else ""
@@ -70,15 +91,33 @@ def write_ranked_table(
     out_dir: str | Path,
     top_k: int = 100,
     token_dep: dict[int, TokenDependence] | None = None,
+    quantile: float | None = None,
 ) -> tuple[Path, Path]:
-    """Write ``reasonscore_top.json`` (rows plus run metadata) and ``reasonscore_top.csv``."""
+    """Write ``reasonscore_top.json`` (rows plus run metadata) and ``reasonscore_top.csv``;
+    the rows are the top ``top_k``, or with ``quantile`` the features above that quantile."""
     st = stats if isinstance(stats, FeatureStats) else FeatureStats.load(stats)
-    rows = ranked_rows(st, top_k, token_dep)
+    rows = ranked_rows(st, top_k, token_dep, quantile)
     out = Path(out_dir)
     meta = {
         k: st.meta.get(k)
-        for k in ("model", "sae", "corpus", "n_tokens", "window", "alpha", "eps", "groups")
+        for k in (
+            "model",
+            "sae",
+            "corpus",
+            "n_tokens",
+            "window",
+            "alpha",
+            "eps",
+            "groups",
+            "burn_in",
+            "quantile_unit_level",
+        )
     }
+    meta["selection"] = (
+        f"top {top_k} by ReasonScore"
+        if quantile is None
+        else f"ReasonScore above its {quantile} quantile over all features"
+    )
     meta["d_sae"] = st.d_sae
     meta["token_detector_rule"] = f"injection_ratio >= {TOKEN_DETECTOR_RATIO}"
     doc = {"meta": meta, "features": [{k: _json_safe(v) for k, v in r.items()} for r in rows]}

@@ -88,6 +88,7 @@ def compute_feature_stats(
     device: str = "cpu",
     progress: bool = True,
     loaded: Loaded | None = None,
+    burn_in: int | None = None,
 ) -> Path:
     """One streaming pass; writes the statistics file (default ``<sae>/feature_stats.safetensors``)
     and returns its path. ``model_path=None`` means the default model; ``loaded`` reuses
@@ -99,6 +100,7 @@ def compute_feature_stats(
         text_column=text_column,
         ctx=ctx,
         max_tokens=max_tokens,
+        burn_in=burn_in,
     )
     result = run_feature_stats(
         ld.model,
@@ -171,6 +173,8 @@ def score_sae(
     text_column: str = "text",
     vocab_path: str | Path | None = None,
     top_k: int = 100,
+    quantile: float | None = None,
+    burn_in: int | None = None,
     token_check: int = 20,
     token_texts: int | None = None,
     dashboard_top: int = 0,
@@ -188,7 +192,9 @@ def score_sae(
     ``stats_path`` (default ``<out>/feature_stats.safetensors``), ``table_dir`` (default
     ``<out>``) and ``dashboard_dir`` (default ``<out>/dashboard``; written only when
     ``dashboard_top > 0``). ``small=True``: 2k tokens, 256-token windows, 4 texts for the
-    token check (about a minute on the default model on 2 CPU cores).
+    token check (about a minute on the default model on 2 CPU cores). The table holds the
+    top ``top_k`` features, or with ``quantile`` those whose ReasonScore is above that
+    quantile of all scores; ``burn_in`` None: :class:`sae_training.tokens.CorpusSpec`'s default.
     """
     out = Path(out_dir) if out_dir else Path(sae_path)
     loaded = load_for_scoring(model_path, sae_path, device)
@@ -206,6 +212,7 @@ def score_sae(
         device=device,
         progress=progress,
         loaded=loaded,
+        burn_in=burn_in,
     )
     stats = FeatureStats.load(stats_file)
     dep: dict[int, TokenDependence] = {}
@@ -220,7 +227,9 @@ def score_sae(
             progress=progress,
             loaded=loaded,
         )
-    jpath, cpath = write_ranked_table(stats, Path(table_dir) if table_dir else out, top_k, dep)
+    jpath, cpath = write_ranked_table(
+        stats, Path(table_dir) if table_dir else out, top_k, dep, quantile=quantile
+    )
     dash = None
     if dashboard_top > 0:
         dash = build_dashboard(

@@ -14,9 +14,10 @@ from pydantic import Field
 from sae_steer_vllm.command import CommandConfig, run_model_command
 from sae_steer_vllm.constants import TRACE_CORPUS
 from sae_steer_vllm.errors import UsageError
+from sae_steer_vllm.sae.hub import HF_PREFIX, resolve_sae_location
 from sae_training.corpus import data_file
 from sae_training.features.ranked_table import load_ranked_table
-from sae_training.features.score import score_sae
+from sae_training.features.score import DEFAULT_CTX, SMALL_CTX, score_sae
 from sae_training.recipe import DEFAULT_OUT
 
 PROG = "sae-steer score"
@@ -31,7 +32,8 @@ class ScoreCommand(CommandConfig):
     """
 
     sae: Path = DEFAULT_OUT
-    """SAE folder, SAELens or sparsify layout"""
+    """SAE folder (SAELens, sparsify or lm-saes layout) or Hub address
+    hf:owner/repo[/subfolder][@revision] (then --out is required)"""
     model: str | None = None
     """HF model folder (default: the default model)"""
     corpus: str = TRACE_CORPUS
@@ -49,8 +51,16 @@ class ScoreCommand(CommandConfig):
     """windows per forward pass"""
     vocab: str | None = None
     """vocabulary JSON (default: the paper's)"""
-    top_k: int = Field(100, gt=0)
-    """rows in the ranked table"""
+    top_k: int | None = Field(None, gt=0)
+    """rows in the ranked table (default 100; not with --quantile)"""
+    quantile: float | None = Field(None, gt=0.0, lt=1.0)
+    """instead of --top-k: every feature whose ReasonScore is above this quantile of all
+    features' scores (the paper's candidate selection: 0.997)"""
+    burn_in: int | None = Field(None, ge=0)
+    """tokens of left context every counted position has (default 16, at most a quarter of
+    --ctx): consecutive windows overlap by this much and a window's first burn-in positions
+    are run but not counted (window-start tokens have no left context and would dominate
+    the maxima)"""
     token_check: int = Field(20, ge=0)
     """run the token-dependence check on this many top features, 0 to skip"""
     token_texts: int | None = Field(None, gt=0)
@@ -68,17 +78,23 @@ class ScoreCommand(CommandConfig):
 
 
 def _run(cmd: ScoreCommand) -> int:
-    if not cmd.sae.is_dir():
+    sae = _local_sae(cmd.sae, cmd.out)
+    if not sae.is_dir():
         raise UsageError(
             f"SAE folder {cmd.sae} not found (train one with `sae-steer train` or pass --sae)"
         )
     if not data_file(cmd.corpus).is_file():
         raise UsageError(f"corpus {cmd.corpus} not found")
+    if cmd.top_k is not None and cmd.quantile is not None:
+        raise UsageError("give --top-k or --quantile, not both")
+    ctx = cmd.ctx or (SMALL_CTX if cmd.small else DEFAULT_CTX)
+    if cmd.burn_in is not None and cmd.burn_in > ctx // 2:
+        raise UsageError(f"--burn-in {cmd.burn_in} is more than half of the {ctx}-token window")
     # no_grad as a context, not set_grad_enabled(False): main() is also called in-process
     # (tests) and must not switch autograd off for its caller
     with torch.no_grad():
         res = score_sae(
-            cmd.sae,
+            sae,
             cmd.model,
             cmd.corpus,
             small=cmd.small,
@@ -87,7 +103,9 @@ def _run(cmd: ScoreCommand) -> int:
             kind=cmd.kind,
             text_column=cmd.text_column,
             vocab_path=cmd.vocab,
-            top_k=cmd.top_k,
+            top_k=cmd.top_k or 100,
+            quantile=cmd.quantile,
+            burn_in=cmd.burn_in,
             token_check=cmd.token_check,
             token_texts=cmd.token_texts,
             dashboard_top=cmd.dashboard_top,
@@ -101,7 +119,8 @@ def _run(cmd: ScoreCommand) -> int:
     print(f"table      : {res.table_json}  {res.table_csv}")
     if res.dashboard:
         print(f"dashboard  : {res.dashboard}")
-    print(f"tokens     : {doc['meta']['n_tokens']}")
+    print(f"tokens     : {doc['meta']['n_tokens']}  (burn-in {doc['meta'].get('burn_in')})")
+    print(f"selection  : {doc['meta']['selection']}, {len(doc['features'])} features")
     print(
         f"{'rank':>4} {'feature':>8} {'score':>10} {'Hn':>6} {'density':>8} {'inj.ratio':>9}  group"
     )
@@ -112,6 +131,16 @@ def _run(cmd: ScoreCommand) -> int:
             f"{r['entropy_norm']:>6.3f} {r['density']:>8.4f} {ratio:>9}  {r['top_group']}"
         )
     return 0
+
+
+def _local_sae(sae: Path, out: Path | None) -> Path:
+    """``--sae`` as a local folder: Hub addresses resolve through the one resolver the
+    server uses; their cache folder is never written to, so they need ``--out``."""
+    if not str(sae).startswith(HF_PREFIX):
+        return sae
+    if out is None:
+        raise UsageError(f"--sae {sae}: pass --out (results are not written into the Hub cache)")
+    return resolve_sae_location(str(sae))
 
 
 def main(argv: list[str]) -> int:

@@ -28,7 +28,7 @@ from sae_training.lm import ResidReader
 from sae_training.tokens import (
     CorpusSpec,
     StreamReport,
-    ignore_mask,
+    counted_mask,
     iter_batches,
     iter_windows,
     special_token_ids,
@@ -76,11 +76,13 @@ def accumulate_corpus(
             sub = ids[s0 : s0 + per_chunk]
             masks = []
             valid = []
-            for row in sub:
-                ig = ignore_mask(row, ignored)
-                m = sequence_masks(row, patterns, ig, window)
+            for row, w in zip(sub, batch[s0 : s0 + per_chunk], strict=True):
+                # burn-in and special positions are left out of every statistic alike;
+                # vocabulary matches still see them (a word may straddle the boundary)
+                keep = counted_mask(row, w.counted_from, ignored)
+                m = sequence_masks(row, patterns, ~keep, window)
                 masks.append(m.groups)
-                valid.append(~ig)
+                valid.append(keep)
             with torch.inference_mode():
                 acts = sae.encode(resid[s0 : s0 + per_chunk].reshape(-1, resid.shape[-1]))
             acc.update(
@@ -137,6 +139,9 @@ def run_feature_stats(
             "n_docs": report.n_docs,
             "n_windows": report.n_windows,
             "n_tokens_all": report.n_tokens,
+            "burn_in": spec.counted_after,
+            "counted_positions": f"window positions >= burn_in ({spec.counted_after}: every counted "
+            "token has that many tokens of its document before it), special tokens excluded",
             "n_skipped_records": len(report.skipped),
             "seconds": round(seconds, 3),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -136,6 +136,8 @@ class FakeServer:
         self.model_name = model_name
         self._respond = respond or self.fake.respond
         self.requests: list[dict[str, Any]] = []
+        self.routes: dict[str, Callable[[dict[str, Any]], Reply]] = {}
+        """More POST routes by path (e.g. ``/tokenize``), each answering a JSON body."""
         self.in_flight = 0
         self.token_delay_s = 0.0
         self.max_in_flight = 0
@@ -168,6 +170,10 @@ class FakeServer:
             def do_POST(self) -> None:
                 n = int(self.headers.get("Content-Length", 0))
                 body = json.loads(self.rfile.read(n))
+                route = outer.routes.get(self.path.rstrip("/"))
+                if route is not None:
+                    self._send(*route(body))
+                    return
                 if self.path.rstrip("/") != "/v1/chat/completions":
                     self._send(404, error_body(404, "not found"))
                     return

@@ -1,0 +1,188 @@
+"""A local stand-in for the DeepSeek-R1-Distill-Llama-8B tokenizer: its exact chat templates and
+its reasoning/turn tokens, on top of the default model's byte-level BPE (no downloads).
+
+What is exact, and where it comes from:
+
+* :data:`R1_TEMPLATE_JAN_2025`, the template the R1 distills shipped with in January 2025.
+  Its assistant branch keeps only what follows the last ``</think>``
+  (``{% set content = content.split('</think>')[-1] %}``) and its generation prompt is
+  ``<｜Assistant｜>``. Copied byte for byte from ``huggingface/huggingface.js``,
+  ``packages/ollama-utils/src/chat-template-automap.ts`` (commit fe42e68017ff), entry
+  ``library/deepseek-r1:8b`` (Ollama's ``deepseek-r1:8b`` is DeepSeek-R1-Distill-Llama-8B; the
+  ``gguf`` field is the chat template its GGUF carries from ``tokenizer_config.json``).
+  sha256 ``b6835114b7303ddd78919a82e4d9f7d8c26ed0d7dfc36beeb12d524f6144eab1``.
+* :data:`R1_TEMPLATE_THINK_PROMPT`, the later revision: the same text except that the
+  generation prompt is ``<｜Assistant｜><think>\\n``, so the model's completion starts inside
+  its reasoning. Same file, entry ``library/deepcoder:14b`` (a fine-tune of
+  DeepSeek-R1-Distill-Qwen-14B carrying the revised template); the only difference from the
+  entry above is that generation prompt (checked by
+  ``tests/test_r1_templates.py``), and ``microsoft/onnxruntime-extensions``
+  ``shared/api/chat_template.cc`` holds the same text as ``DEEPSEEK_CHAT_TEMPLATE`` for
+  ``deepseek-ai/DeepSeek-R1-Distill-Llama-70B``. sha256
+  ``56a1447ad31926fdc21fb07e56e5642bd9c850c4f52d8c8af7bbe5f079a84f5f``.
+* The added tokens and their flags as the distills' ``tokenizer_config.json`` declares them:
+  ``<｜begin▁of▁sentence｜>`` (BOS, added to plain text) and ``<｜end▁of▁sentence｜>`` (EOS and
+  pad) are special; ``<｜User｜>``, ``<｜Assistant｜>``, ``<think>`` and ``</think>`` are added
+  tokens with ``"special": false`` (so statistics *see* their positions, as on the real model;
+  flags as in DeepSeek-R1-Distill-Qwen-1.5B's ``tokenizer_config.json`` quoted in public code,
+  which the Llama-8B file shares).
+
+What is not exact: the ordinary-text vocabulary is SmolLM2's (49,152 byte-level BPE pieces,
+not Llama 3's 128k), so ids differ from the real model's; every test reads ids from this
+tokenizer, never hard-coded. The R1 tokens get ids 49152 and up.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .models import default_tokenizer_dir, tiny_causal_lm
+
+BOS = "<｜begin▁of▁sentence｜>"
+EOS = "<｜end▁of▁sentence｜>"
+USER = "<｜User｜>"
+ASSISTANT = "<｜Assistant｜>"
+THINK_OPEN = "<think>"
+THINK_CLOSE = "</think>"
+
+R1_TEMPLATE_JAN_2025 = (
+    r"{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}"
+    r"{% endif %}"
+    r"{% set ns = namespace(is_first=false, is_tool=false, is_output_first=true, system_prompt='') %}"
+    r"{%- for message in messages %}{%- if message['role'] == 'system' %}"
+    r"{% set ns.system_prompt = message['content'] %}{%- endif %}"
+    r"{%- endfor %}{{bos_token}}{{ns.system_prompt}}{%- for message in messages %}"
+    r"{%- if message['role'] == 'user' %}"
+    r"{%- set ns.is_tool = false -%}{{'<｜User｜>' + message['content']}}{%- endif %}"
+    r"{%- if message['role'] == 'assistant' and message['content'] is none %}"
+    r"{%- set ns.is_tool = false -%}{%- for tool in message['tool_calls']%}"
+    r"{%- if not ns.is_first %}{{'<｜Assistant｜><｜tool▁calls▁begin｜><｜tool▁call▁begin｜>' + tool['type'] + '<｜tool▁sep｜>' + tool['function']['name'] + '\n' + '```json' + '\n' + tool['function']['arguments'] + '\n' + '```' + '<｜tool▁call▁end｜>'}}"
+    r"{%- set ns.is_first = true -%}"
+    r"{%- else %}{{'\n' + '<｜tool▁call▁begin｜>' + tool['type'] + '<｜tool▁sep｜>' + tool['function']['name'] + '\n' + '```json' + '\n' + tool['function']['arguments'] + '\n' + '```' + '<｜tool▁call▁end｜>'}}{{'<｜tool▁calls▁end｜><｜end▁of▁sentence｜>'}}"
+    r"{%- endif %}{%- endfor %}{%- endif %}"
+    r"{%- if message['role'] == 'assistant' and message['content'] is not none %}"
+    r"{%- if ns.is_tool %}{{'<｜tool▁outputs▁end｜>' + message['content'] + '<｜end▁of▁sentence｜>'}}"
+    r"{%- set ns.is_tool = false -%}{%- else %}{% set content = message['content'] %}"
+    r"{% if '</think>' in content %}{% set content = content.split('</think>')[-1] %}"
+    r"{% endif %}{{'<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>'}}{%- endif %}{%- endif %}"
+    r"{%- if message['role'] == 'tool' %}{%- set ns.is_tool = true -%}"
+    r"{%- if ns.is_output_first %}{{'<｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>' + message['content'] + '<｜tool▁output▁end｜>'}}"
+    r"{%- set ns.is_output_first = false %}"
+    r"{%- else %}{{'\n<｜tool▁output▁begin｜>' + message['content'] + '<｜tool▁output▁end｜>'}}"
+    r"{%- endif %}{%- endif %}{%- endfor -%}{% if ns.is_tool %}{{'<｜tool▁outputs▁end｜>'}}"
+    r"{% endif %}{% if add_generation_prompt and not ns.is_tool %}{{'<｜Assistant｜>'}}"
+    r"{% endif %}"
+)
+
+_JAN_GENERATION_PROMPT = (
+    r"{% if add_generation_prompt and not ns.is_tool %}{{'<｜Assistant｜>'}}{% endif %}"
+)
+_THINK_GENERATION_PROMPT = (
+    r"{% if add_generation_prompt and not ns.is_tool %}{{'<｜Assistant｜><think>\n'}}{% endif %}"
+)
+assert R1_TEMPLATE_JAN_2025.endswith(_JAN_GENERATION_PROMPT)
+R1_TEMPLATE_THINK_PROMPT = (
+    R1_TEMPLATE_JAN_2025[: -len(_JAN_GENERATION_PROMPT)] + _THINK_GENERATION_PROMPT
+)
+"""The revised template: generation prompt ``<｜Assistant｜><think>\\n``, nothing else changed."""
+
+_MARKER = "r1_stand_in.json"
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "vocab.json",
+    "merges.txt",
+)
+
+
+def r1_chat_template(*, opens_think: bool) -> str:
+    """The January-2025 template, or the revision whose generation prompt opens ``<think>``."""
+    return R1_TEMPLATE_THINK_PROMPT if opens_think else R1_TEMPLATE_JAN_2025
+
+
+def r1_tokenizer(*, opens_think: bool) -> Any:
+    """The stand-in tokenizer in memory (see :func:`make_r1_tokenizer` for a folder)."""
+    from tokenizers import AddedToken
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(default_tokenizer_dir()))
+    tok.add_special_tokens(
+        {
+            "bos_token": AddedToken(BOS, special=True, normalized=False),
+            "eos_token": AddedToken(EOS, special=True, normalized=False),
+            "pad_token": AddedToken(EOS, special=True, normalized=False),
+        }
+    )
+    tok.add_tokens(
+        [
+            AddedToken(t, special=False, normalized=False)
+            for t in (USER, ASSISTANT, THINK_OPEN, THINK_CLOSE)
+        ]
+    )
+    bos_id = tok.convert_tokens_to_ids(BOS)
+    # the real tokenizer prepends BOS to plain text (add_bos_token: true)
+    tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
+    )
+    tok.chat_template = r1_chat_template(opens_think=opens_think)
+    return tok
+
+
+def make_r1_tokenizer(folder: Path, *, opens_think: bool, tokenizer: Any = None) -> Path:
+    """Write the stand-in tokenizer (``tokenizer`` if given, else :func:`r1_tokenizer`) into
+    ``folder``, replacing any tokenizer files there and leaving other files alone."""
+    tok = tokenizer if tokenizer is not None else r1_tokenizer(opens_think=opens_think)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in _TOKENIZER_FILES:
+        (folder / name).unlink(missing_ok=True)
+    tok.save_pretrained(str(folder))
+    return folder
+
+
+def make_tiny_r1_llama(
+    folder: Path, *, opens_think: bool, layers: int = 3, hidden: int = 64, seed: int = 0
+) -> Path:
+    """A tiny random Llama (:func:`~helpers.models.tiny_causal_lm`) whose vocabulary covers
+    the stand-in tokenizer, which it carries; BOS/EOS/pad ids in its config are R1's.
+
+    ``layers`` x ``hidden`` default to 3 x 64 so :func:`helpers.saes.make_sae` (d_in 64,
+    layer 1) fits. An existing finished folder is reused (its tokenizer rewritten if it
+    carries the other template revision).
+    """
+    from transformers import LlamaForCausalLM
+
+    marker = folder / _MARKER
+    if marker.is_file():
+        if json.loads(marker.read_text())["opens_think"] != opens_think:  # same vocabulary
+            make_r1_tokenizer(folder, opens_think=opens_think)
+            marker.write_text(json.dumps({"opens_think": opens_think}) + "\n")
+        return folder
+    tiny_causal_lm(folder, layers=layers, hidden=hidden, seed=seed)
+    tok = r1_tokenizer(opens_think=opens_think)
+    make_r1_tokenizer(folder, opens_think=opens_think, tokenizer=tok)
+    model = LlamaForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    old = model.get_input_embeddings().weight.shape[0]
+    model.resize_token_embeddings(len(tok), mean_resizing=False)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        std = float(emb[:old].std())
+        emb[old:] = torch.randn(emb.shape[0] - old, emb.shape[1], generator=g) * std
+    ids = {
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id,
+    }
+    for k, v in ids.items():
+        setattr(model.config, k, v)
+        setattr(model.generation_config, k, v)
+    model.save_pretrained(str(folder), safe_serialization=True)
+    marker.write_text(json.dumps({"opens_think": opens_think}) + "\n")
+    return folder
