@@ -89,19 +89,23 @@ def _dl_jumprelu() -> tuple[dict[str, torch.Tensor], Ref]:
     return t, ref
 
 
-def _linear_pair(enc: str, dec: str, seed: int) -> tuple[dict[str, torch.Tensor], Ref]:
-    """Goodfire's / qresearch's SparseAutoEncoder: relu(enc(x)); dec(f) (nn.Linear pairs)."""
+def _linear_pair(
+    enc: str, dec: str, seed: int, dtype: torch.dtype = torch.float32
+) -> tuple[dict[str, torch.Tensor], Ref]:
+    """Goodfire's / qresearch's SparseAutoEncoder: relu(enc(x)); dec(f) (nn.Linear pairs;
+    both release bfloat16 weights)."""
     g = _g(seed)
     t = {
-        f"{enc}.weight": torch.randn(S, D, generator=g),
-        f"{enc}.bias": torch.randn(S, generator=g),
-        f"{dec}.weight": torch.randn(D, S, generator=g),
-        f"{dec}.bias": torch.randn(D, generator=g),
+        f"{enc}.weight": torch.randn(S, D, generator=g).to(dtype),
+        f"{enc}.bias": torch.randn(S, generator=g).to(dtype),
+        f"{dec}.weight": torch.randn(D, S, generator=g).to(dtype),
+        f"{dec}.bias": torch.randn(D, generator=g).to(dtype),
     }
+    w = {k: v.float() for k, v in t.items()}  # the reference computes in float32
 
     def ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        f = F.relu(F.linear(x, t[f"{enc}.weight"], t[f"{enc}.bias"]))
-        return f, F.linear(f, t[f"{dec}.weight"], t[f"{dec}.bias"])
+        f = F.relu(F.linear(x, w[f"{enc}.weight"], w[f"{enc}.bias"]))
+        return f, F.linear(f, w[f"{dec}.weight"], w[f"{dec}.bias"])
 
     return t, ref
 
@@ -120,12 +124,12 @@ CASES: dict[str, tuple[Callable[[], tuple[dict[str, torch.Tensor], Ref]], str, d
     ),
     "dictionary_learning JumpReLU": (_dl_jumprelu, "ae.pt", {}),
     "goodfire": (
-        lambda: _linear_pair("encoder_linear", "decoder_linear", 3),
+        lambda: _linear_pair("encoder_linear", "decoder_linear", 3, torch.bfloat16),
         "Llama-3.1-8B-Instruct-SAE-l19.pth",
         {},
     ),
     "qresearch": (
-        lambda: _linear_pair("encoder", "decoder", 4),
+        lambda: _linear_pair("encoder", "decoder", 4, torch.bfloat16),
         "DeepSeek-R1-Distill-Llama-8B-SAE-l19.pt",
         {},
     ),

@@ -164,3 +164,29 @@ def test_score_and_dashboard_take_hub_addresses(
     argv = ["--sae", f"hf:{REPO}/{SUB}", "--stats", str(tmp_path / "none.safetensors")]
     assert dashboard_cli.main([*argv, "--out", str(tmp_path / "pages")]) == EXIT_USAGE
     assert "none.safetensors not found" in capsys.readouterr().err
+
+
+def test_serve_print_command_takes_a_hub_sae(
+    default_model: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``sae-steer serve --sae r1=hf:...``: vLLM is handed the cache folder, resolved once."""
+    from huggingface_hub import constants
+
+    from sae_steer_vllm import serve
+
+    cache = tmp_path / "hub"
+    snap = cache / ("models--" + REPO.replace("/", "--")) / "snapshots" / MAIN
+    (snap.parent.parent / "refs").mkdir(parents=True)
+    (snap.parent.parent / "refs" / "main").write_text(MAIN)
+    random_sae(snap / "blocks.18.hook_resid_post", d_in=576, d_sae=64, layer=18)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    sae = f"r1=hf:{REPO}/blocks.18.hook_resid_post"
+    assert serve.main(["--print-command", "--sae", sae, "--model", str(default_model)]) == 0
+    printed = capsys.readouterr().out
+    assert str(snap / "blocks.18.hook_resid_post") in printed and "hf:" not in printed
+    assert serve.main(["--print-command", "--sae", "r1=hf:bad", "--model", str(default_model)]) == 2
+    assert "hf:owner/repo" in capsys.readouterr().err

@@ -147,6 +147,7 @@ def test_llama_scope_saved_as_saelens_round_trips(tmp_path: Path) -> None:
         ("no norm", "hold the dataset norm"),
         ("token-wise", "token-wise"),
         ("topk", "act_fn 'topk'"),
+        ("d_sae", "d_sae 65 is not d_model x expansion_factor = 64"),
     ],
 )
 def test_llama_scope_bad_files(tmp_path: Path, case: str, needle: str) -> None:
@@ -170,6 +171,8 @@ def test_llama_scope_bad_files(tmp_path: Path, case: str, needle: str) -> None:
         cfg["norm_activation"] = "token-wise"
     elif case == "topk":
         cfg["act_fn"] = "topk"
+    elif case == "d_sae":
+        cfg["d_sae"] = F + 1
     folder = _write(tmp_path / "s", cfg, t)
     with pytest.raises(SAEFormatError) as e:
         load_sae(folder)

@@ -1,7 +1,8 @@
 """Llama Scope / lm-saes folders (OpenMOSS ``fnlp/Llama-Scope-R1-Distill``) as a canonical SAE.
 
 Provenance. The layout is what OpenMOSS's ``lm-saes`` (github.com/OpenMOSS/Language-Model-SAEs,
-``src/lm_saes/sae.py`` and ``abstract_sae.py`` as of the 2025 releases) writes with
+``src/lm_saes/sae.py``, ``abstract_sae.py``, ``config.py`` at commit 03f1b5ed, June 2025, the
+last with these ``nn.Linear`` names; later versions call them ``W_E``/``W_D``) writes with
 ``save_pretrained``: ``config.json`` (its ``SAEConfig``: ``d_model``, ``expansion_factor``,
 ``hook_point_in``/``hook_point_out``, ``act_fn``, ``norm_activation``,
 ``sparsity_include_decoder_norm``, ``apply_decoder_bias_to_pre_encoder``, ...) beside
@@ -9,7 +10,9 @@ Provenance. The layout is what OpenMOSS's ``lm-saes`` (github.com/OpenMOSS/Langu
 ``encoder.bias [d_sae]``, ``decoder.weight [d_model, d_sae]``, ``decoder.bias [d_model]``,
 ``log_jumprelu_threshold [d_sae]`` and one scalar ``dataset_average_activation_norm.<hook>``
 per hook point (``full_state_dict``). SAELens's own ``llama_scope_r1_distill`` converter reads
-the same tensor names.
+the same tensor names but does not read the stored norm (it records
+``normalize_activations: expected_average_only_in``) nor ``sparsity_include_decoder_norm``;
+we follow the code that trained the SAE instead.
 
 Semantics, from lm-saes's ``SparseAutoEncoder.encode`` and ``compute_norm_factor``. With
 ``norm_activation: dataset-wise`` the caller scales the input by ``s = sqrt(d_model) / norm``
@@ -41,6 +44,7 @@ from typing import Any
 
 import torch
 
+from ..constants import LM_SAES_CFG
 from .config import SAEConfig, SAEFormatError, layer_from_text
 from .tensor_file import Shapes, opened
 
@@ -67,8 +71,11 @@ def llama_scope_config(raw: dict[str, Any], folder: Path, shapes: Shapes) -> SAE
     try:
         d_model = int(raw["d_model"])
         d_sae = d_model * int(raw["expansion_factor"])
+        stated = int(raw.get("d_sae", d_sae))
     except (KeyError, TypeError, ValueError):
         raise SAEFormatError("lm-saes config needs integer d_model and expansion_factor") from None
+    if stated != d_sae:
+        raise SAEFormatError(f"d_sae {stated} is not d_model x expansion_factor = {d_sae}")
     hook_in, hook_out = _hooks(raw)
     if hook_out != hook_in:
         raise SAEFormatError(
@@ -182,8 +189,7 @@ def norm_scale(raw: dict[str, Any], stored_norm: float | None) -> float:
 
 
 def read_raw_config(folder: Path) -> dict[str, Any]:
-    from ..constants import LM_SAES_CFG
-
+    """The lm-saes ``config.json`` of ``folder`` as a dict."""
     path = folder / LM_SAES_CFG
     try:
         raw = json.loads(path.read_text())
