@@ -31,7 +31,9 @@ class LayerTables(torch.nn.Module):
     ``add``: ``[S, d]`` (model dtype), summed add-mode/vector contributions.
     Clamp rows (only on layers with a clampable SAE), ``E = (S - 1) * K`` entries,
     entry ``e`` belonging to slot ``1 + e // K``: encoder column, effective
-    bias, threshold, decoder row and target (float32, for an exact encode).
+    bias, threshold, decoder row and target (float32, for an exact encode);
+    ``resid_keep``: ``[S]`` (model dtype), 1 where the slot's clamps read resid_post,
+    0 where they read the MLP output (spec ``site: mlp_out``).
     """
 
     add: torch.Tensor
@@ -41,6 +43,7 @@ class LayerTables(torch.nn.Module):
     thr: torch.Tensor
     target: torch.Tensor
     owner: torch.Tensor
+    resid_keep: torch.Tensor
 
     def __init__(
         self,
@@ -70,6 +73,9 @@ class LayerTables(torch.nn.Module):
         self.register_buffer("target", torch.zeros(e, dtype=f32, device=device), persistent=False)
         owner = torch.arange(1, num_slots, device=device).repeat_interleave(max(clamp_per_slot, 0))
         self.register_buffer("owner", owner.to(torch.int64), persistent=False)
+        self.register_buffer(
+            "resid_keep", torch.ones(num_slots, dtype=dtype, device=device), persistent=False
+        )
 
     @torch.no_grad()
     def write(self, slot: int, plan: LayerPlan | None) -> None:
@@ -82,6 +88,8 @@ class LayerTables(torch.nn.Module):
             return
         lo = (slot - 1) * self.k
         rows = plan.clamps if plan is not None else []
+        mlp_out = plan is not None and plan.clamp_site == "mlp_out"
+        self.resid_keep[slot] = 0.0 if mlp_out else 1.0
         if len(rows) > self.k:
             raise ValueError(f"{len(rows)} clamps exceed {self.k} per layer")
         for j in range(self.k):
@@ -111,12 +119,16 @@ def steering_delta(
     """The change to the residual stream for each token ([n, d], model dtype).
 
     ``idx``: slot per token; ``gate``: 1.0 where the request's ``positions``
-    setting admits the token. Written with static shapes only, so it traces
-    once into the compiled graph for every batch size.
+    setting admits the token. ``hidden`` is the layer's MLP output, ``residual`` the
+    stream before it: a clamp encodes their sum (resid_post), or ``hidden`` alone where
+    the slot's ``resid_keep`` is 0 (``site: mlp_out``; ``x 1.0`` and ``+ 0.0`` are exact,
+    so resid_post is computed as it was without sites). Written with static shapes only,
+    so it traces once into the compiled graph for every batch size.
     """
     delta = tables.add[idx].to(torch.float32)
     if tables.has_clamp:
-        h = (hidden + residual).to(torch.float32)  # resid_post, only where a clamp needs it
+        keep = tables.resid_keep[idx].unsqueeze(1)
+        h = (hidden + residual * keep).to(torch.float32)  # only where a clamp needs it
         pre = h @ tables.enc.T + tables.bias  # [n, E]
         f = pre * (pre > tables.thr).to(pre.dtype)
         own = tables.owner.unsqueeze(0) == idx.unsqueeze(1)  # [n, E]

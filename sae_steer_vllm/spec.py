@@ -45,6 +45,10 @@ Mode = Literal["clamp", "add"]
 Positions = Literal["all", "prompt", "generated"]
 Unit = Literal["max", "quantile"]
 """What ``strength`` multiplies: the feature's max activation or its quantile unit."""
+Site = Literal["resid_post", "mlp_out"]
+"""Where a feature is read and edited: ``resid_post`` (the residual stream after the layer, as
+the paper describes) or ``mlp_out`` (the layer's MLP output, what the authors' vLLM hook
+actually edited; see :mod:`sae_steer_vllm.steered_model`)."""
 
 
 class SteeringSpecError(UsageError):
@@ -73,7 +77,13 @@ class FeatureIntervention(BaseModel):
     strength: float | None = None
     value: float | None = None
     mode: Mode = "clamp"
-    unit: Unit = "max"
+    unit: Unit = Field(default="max", exclude_if=lambda v: v == "max")
+    """``max`` (default) or ``quantile``: what ``strength`` multiplies. Left out of the JSON
+    when default, so older specs keep their text and salt (and older servers accept them)."""
+    site: Site = Field(default="resid_post", exclude_if=lambda v: v == "resid_post")
+    """``resid_post`` (default) or ``mlp_out``: the clamp encodes the feature from, and edits,
+    the layer's MLP output. An ``add`` is the same at both sites (the next layer reads only
+    their sum). Left out of the JSON when default, so older specs keep their text and salt."""
 
     @field_validator("strength", "value")
     @classmethod

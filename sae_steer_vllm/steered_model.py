@@ -8,6 +8,31 @@ true residual stream after the layer (HF's layer output, "resid_post") is
 their sum. Adding to ``residual`` rather than ``mlp_out`` leaves the next
 layer's all-reduce -> fused add-RMSNorm pattern intact for TP fusion passes.
 
+Two sites (spec ``site``). vLLM's ``LlamaDecoderLayer.forward`` (vLLM 0.32,
+``model_executor/models/llama.py:313-330``) ends ``hidden_states, residual =
+self.post_attention_layernorm(hidden_states, residual); hidden_states =
+self.mlp(hidden_states); return hidden_states, residual``: its first output is the
+MLP output, and the residual add is deferred to the next layer's fused
+``input_layernorm(hidden_states, residual)`` (or the final ``norm``); Qwen2/3 and
+Mistral do the same. ``resid_post`` (default, the paper's definition) encodes
+``hidden + residual``. ``mlp_out`` is what the authors' code ran
+(AIRI-Institute/SAE-Reasoning @ 2cbfbff): ``evaluation/evaluation.sh:13-17`` pass
+``sae_feature_idx=46379,sae_strength=2.0,sae_max_activation=5.840`` as model args,
+so ``lm_eval/models/vllm_causallms.py:356-373`` takes the non-dict branch and hooks
+``lm_model.model.layers[self.sae.cfg.hook_layer]`` with
+``get_intervention_hook(copy.deepcopy(self.sae), **self.intervention_config)``
+(``enforce_eager`` at :132); ``lm_eval/sae_utils.py:53-71`` then does
+``activations = output[0].clone()``, ``features = sae.encode(activations)``,
+``error = activations.to(features.dtype) - reconstructed``,
+``features[..., feature_idx] = max_activation * strength``,
+``activations_hat = sae.decode(features) + error`` and returns
+``(activations_hat,) + output[1:]``: the feature encoded from the MLP output and
+``mlp_out + (c - f_i(mlp_out)) * W_dec[i]`` put back in its place. Since an SAE
+trained on resid_post rarely fires on an MLP output, that is close to adding
+``c * W_dec[i]``. Here the same delta, computed from ``hidden`` alone, is added to
+``residual``: every consumer (next layer, final norm, aux hidden states) reads only
+the sum, which is therefore the authors' up to one rounding of the model dtype.
+
 The eager outer ``forward`` (outside vLLM's compiled trunk) is where Model
 Runner V1 fills the token->slot map for this step. A new architecture is one
 more three-line class here plus its entry in

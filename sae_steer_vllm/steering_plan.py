@@ -20,6 +20,11 @@ Several clamps on one layer are evaluated on the same ``h`` and summed, which
 for a per-feature SAE (ReLU/JumpReLU) is exactly decoding with all targets set.
 TopK SAEs cannot be clamped this way (a feature's value depends on all others),
 so they accept ``add`` only.
+
+``site`` (spec.py): with ``mlp_out`` a clamp reads ``f_i`` from the layer's MLP output ``m``
+instead of ``h`` (``h' = h + (c - f_i(m)) * W_dec[i]``), as the authors' vLLM hook did. One
+request's clamps on one layer share a site (:func:`check_spec`), so the model reads one
+input per slot and layer.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from .spec import (
     FeatureIntervention,
     Mode,
     Positions,
+    Site,
     SteeringSpec,
     SteeringSpecError,
     VectorIntervention,
@@ -277,11 +283,21 @@ def check_spec(spec: SteeringSpec, cat: SAECatalog) -> None:
     listing (what clients check a sweep against), plus finite feature targets.
     """
     check_spec_against(spec, cat.listing())
+    clamp_sites: dict[int, tuple[int, Site]] = {}
     for k, iv in enumerate(spec.interventions):
         if isinstance(iv, FeatureIntervention):
             target = _target(iv, cat.saes[iv.sae])
             if not abs(target) < float("inf"):
                 raise SteeringSpecError(f"steering: interventions.{k}: target value is not finite")
+            if iv.mode == "clamp":
+                layer = cat.saes[iv.sae].cfg.hook_layer
+                first, site = clamp_sites.setdefault(layer, (k, iv.site))
+                if site != iv.site:
+                    raise SteeringSpecError(
+                        f"steering: interventions.{k}: its clamp on layer {layer} reads site "
+                        f"{iv.site!r} but interventions.{first} clamps that layer at {site!r}; "
+                        "one request's clamps on one layer must share a site (send two requests)"
+                    )
 
 
 @dataclass
@@ -297,6 +313,8 @@ class ClampRow:
 class LayerPlan:
     add: torch.Tensor | None = None  # [d] float32, summed add-mode and vector contributions
     clamps: list[ClampRow] = field(default_factory=list)
+    clamp_site: Site = "resid_post"
+    """what the clamps encode: resid_post, or the layer's MLP output (check_spec: one per layer)"""
 
 
 @dataclass
@@ -325,7 +343,7 @@ def plan_spec(spec: SteeringSpec, cat: SAECatalog) -> SteeringPlan:
         if iv.mode == "add":
             add_to(layer, dec * target)
         else:
-            layers.setdefault(layer, LayerPlan()).clamps.append(
-                ClampRow(enc=enc, bias=bias, threshold=thr, dec=dec, target=target)
-            )
+            lp = layers.setdefault(layer, LayerPlan())
+            lp.clamps.append(ClampRow(enc=enc, bias=bias, threshold=thr, dec=dec, target=target))
+            lp.clamp_site = iv.site
     return SteeringPlan(layers=layers, position_mode=PositionMode.of(spec.positions))

@@ -2,7 +2,9 @@
 
 The reference deliberately does NOT reuse the plugin's math: it encodes with
 ``SAE.encode``, sets the feature, decodes, and adds the SAE error back, the way the
-paper defines ``clamp``.
+paper defines ``clamp``. ``site: mlp_out`` is implemented the way the authors' hook did it
+(encode, set, decode + error on the MLP output, put back in its place): HF's decoder layer
+returns the whole residual stream, so that edit is a forward hook on the layer's ``mlp``.
 """
 
 from __future__ import annotations
@@ -51,12 +53,13 @@ def reference_prompt_logprobs(
             max_acts[n] = m
     hooks = []
     if spec is not None:
-        per_layer: dict[int, list[tuple[Any, float | None]]] = {}
+        per_site: dict[tuple[int, str], list[tuple[Any, float | None]]] = {}
         for iv, c in _targets(spec, loaded, max_acts):
-            layer = (
-                iv.layer if isinstance(iv, VectorIntervention) else loaded[iv.sae].cfg.hook_layer
-            )
-            per_layer.setdefault(layer, []).append((iv, c))
+            if isinstance(iv, VectorIntervention):
+                key = (iv.layer, "resid_post")
+            else:
+                key = (loaded[iv.sae].cfg.hook_layer, iv.site)
+            per_site.setdefault(key, []).append((iv, c))
 
         def make_hook(items: list[tuple[Any, float | None]]) -> Any:
             def hook(_mod: Any, _inp: Any, out: Any) -> Any:
@@ -80,8 +83,10 @@ def reference_prompt_logprobs(
 
             return hook
 
-        for layer, items in per_layer.items():
-            hooks.append(model.model.layers[layer].register_forward_hook(make_hook(items)))
+        for (layer, site), items in per_site.items():
+            block = model.model.layers[layer]
+            module = block.mlp if site == "mlp_out" else block
+            hooks.append(module.register_forward_hook(make_hook(items)))
     try:
         with torch.no_grad():
             logits = model(torch.tensor([prompt_ids])).logits[0]
