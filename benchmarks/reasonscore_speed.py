@@ -174,7 +174,9 @@ def prepare(args: argparse.Namespace) -> tuple[Any, Any, SAE, CorpusSpec, str]:
 
     model_dir = Path(args.model) if args.model else prepare_default_model()
     model, tok = load_model(model_dir)
-    spec = CorpusSpec(Path(args.corpus), ctx=args.ctx, max_tokens=args.max_tokens)
+    # burn_in 0: the authors' algorithm counts every window position, and the means of the
+    # two methods are compared on the same positions
+    spec = CorpusSpec(Path(args.corpus), ctx=args.ctx, max_tokens=args.max_tokens, burn_in=0)
     sae_dir = Path(args.sae)
     d_in = int(model.config.hidden_size)
     if (sae_dir / SAELENS_CFG).is_file():

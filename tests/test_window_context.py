@@ -234,6 +234,7 @@ def test_request_unit_quantile_round_trips_and_is_applied(tmp_path: Path) -> Non
     explicit = {"sae": "s", "feature": 5, "strength": 2, "unit": "max"}
     assert SteeringSpec.from_obj({"interventions": [explicit]}).cache_salt() == default.cache_salt()
     assert spec.cache_salt() != default.cache_salt()
+    assert "unit" not in default.to_json() and '"unit":"quantile"' in spec.to_json()
     with pytest.raises(SteeringSpecError, match="unit"):
         SteeringSpec.from_obj(
             {"interventions": [{"sae": "s", "feature": 5, "strength": 1, "unit": "p99"}]}
