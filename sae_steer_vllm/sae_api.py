@@ -24,6 +24,7 @@ from .spec import (
     Positions,
     SteeringSpec,
     SteeringSpecError,
+    Unit,
     VectorIntervention,
 )
 
@@ -61,6 +62,10 @@ class SAEEntry(_Wire):
     positions: list[Positions] = Field(default_factory=lambda: list(ALL_POSITIONS))
     has_statistics: bool = Field(
         description=f"{STATS_FILE} exists beside it, so 'strength' can be used (else 'value')"
+    )
+    strength_units: list[Unit] = Field(
+        default_factory=list,
+        description="the units a 'strength' may be given in ('unit'); empty without statistics",
     )
     runtime: bool = Field(default=False, description="registered through POST /v1/saes")
 
@@ -138,6 +143,7 @@ def check_spec_against(spec: SteeringSpec, listing: SAEList) -> None:
     vector_layers = set(limits.vector_layers)
     clamps_per_layer: dict[int, int] = {}
     seen_clamps: set[tuple[str, int]] = set()
+    clamp_sites: dict[int, tuple[int, str]] = {}
     for k, iv in enumerate(spec.interventions):
         where = f"steering: interventions.{k}"
         if isinstance(iv, VectorIntervention):
@@ -158,6 +164,15 @@ def check_spec_against(spec: SteeringSpec, listing: SAEList) -> None:
                 )
             continue
         _check_feature(iv, saes, where, limits, clamps_per_layer, seen_clamps)
+        if iv.mode == "clamp":
+            layer = saes[iv.sae].layer
+            first, site = clamp_sites.setdefault(layer, (k, iv.site))
+            if site != iv.site:
+                raise SteeringSpecError(
+                    f"steering: interventions.{k}: its clamp on layer {layer} reads site "
+                    f"{iv.site!r} but interventions.{first} clamps that layer at {site!r}; "
+                    "one request's clamps on one layer must share a site (send two requests)"
+                )
 
 
 def _check_feature(
@@ -182,6 +197,12 @@ def _check_feature(
             f"steering: SAE {iv.sae!r} has no feature statistics ({STATS_FILE}), "
             f"so 'strength' cannot be turned into a value; give 'value' instead "
             f"(or run `sae-steer score` for this SAE)"
+        )
+    if iv.strength is not None and iv.unit not in info.strength_units:
+        raise SteeringSpecError(
+            f"steering: SAE {iv.sae!r} has no {iv.unit!r} unit in its feature statistics "
+            f"({STATS_FILE} predates it); use unit 'max' or 'value', or re-run "
+            f"`sae-steer score` for this SAE"
         )
     if iv.mode == "clamp":
         if "clamp" not in info.modes:

@@ -32,7 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 
@@ -54,6 +54,7 @@ from .spec import (
     Site,
     SteeringSpec,
     SteeringSpecError,
+    Unit,
     VectorIntervention,
 )
 
@@ -192,6 +193,7 @@ class SAECatalog:
                         architecture=s.cfg.architecture,
                         modes=self.modes(s),
                         has_statistics=s.max_activation is not None,
+                        strength_units=[u for u in get_args(Unit) if u in s.units],
                         runtime=s.runtime,
                     )
                     for s in sorted(self.saes.values(), key=lambda s: s.name)
@@ -283,21 +285,11 @@ def check_spec(spec: SteeringSpec, cat: SAECatalog) -> None:
     listing (what clients check a sweep against), plus finite feature targets.
     """
     check_spec_against(spec, cat.listing())
-    clamp_sites: dict[int, tuple[int, Site]] = {}
     for k, iv in enumerate(spec.interventions):
         if isinstance(iv, FeatureIntervention):
             target = _target(iv, cat.saes[iv.sae])
             if not abs(target) < float("inf"):
                 raise SteeringSpecError(f"steering: interventions.{k}: target value is not finite")
-            if iv.mode == "clamp":
-                layer = cat.saes[iv.sae].cfg.hook_layer
-                first, site = clamp_sites.setdefault(layer, (k, iv.site))
-                if site != iv.site:
-                    raise SteeringSpecError(
-                        f"steering: interventions.{k}: its clamp on layer {layer} reads site "
-                        f"{iv.site!r} but interventions.{first} clamps that layer at {site!r}; "
-                        "one request's clamps on one layer must share a site (send two requests)"
-                    )
 
 
 @dataclass

@@ -1,9 +1,11 @@
-"""Session fixtures: the default model, and ONE shared steering server for all server tests.
+"""Session fixtures: the default model, and ONE shared Model Runner V1 steering server.
 
 Starting vLLM costs about a minute on two cores, so every test that needs a
 real endpoint shares ``steer_server`` (default model, float32 so outputs are
 batch-invariant, torch.compile mode, three registered SAEs, and runtime SAE
 registration under ``sae_root`` on layer 6 and the clampable SAEs' layers 14 and 18).
+``tests/test_server.py`` runs its tests on it and on a Model Runner V2 server with the
+same SAE files (``helpers/servers.py:v2_steer_server``), started for that module only.
 """
 
 from __future__ import annotations
@@ -13,10 +15,10 @@ import shlex
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from helpers.servers import MAX_INTERVENTIONS, ServerFiles, SteerServer, steer_server_record
 
 from benchmarks import server_process
 from sae_steer_vllm.default_model import prepare_default_model
@@ -40,31 +42,9 @@ def default_model() -> Path:
     return prepare_default_model()
 
 
-@dataclass(frozen=True)
-class SteerServer:
-    base_url: str  # http://127.0.0.1:PORT/v1
-    model: str  # served model name
-    model_path: Path
-    sae_name: str  # standard SAE with feature statistics
-    sae_path: Path
-    d_sae: int
-    topk_sae_name: str  # TopK SAE without statistics
-    jumprelu_sae_name: str  # JumpReLU SAE (layer 14, threshold 4.0) with statistics
-    jumprelu_sae_path: Path
-    max_interventions: int
-    log_path: Path
-    sae_root: Path  # POST /v1/saes resolves paths under it
-
-    @property
-    def root_url(self) -> str:
-        return self.base_url.rsplit("/v1", 1)[0]
-
-
 @pytest.fixture(scope="session")
-def steer_server(
-    default_model: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[SteerServer]:
-    root = tmp_path_factory.mktemp("server")
+def server_files(tmp_path_factory: pytest.TempPathFactory) -> ServerFiles:
+    root = tmp_path_factory.mktemp("server-saes")
     sae = root / "sae-l18"
     random_sae(sae, d_in=576, d_sae=1024, layer=18)
     topk = root / "sae-topk-l10"
@@ -75,65 +55,30 @@ def steer_server(
     random_sae(jr, d_in=576, d_sae=256, layer=14, architecture="jumprelu", seed=3, threshold=4.0)
     sae_root = root / "sae-root"
     sae_root.mkdir()
+    return ServerFiles(sae=sae, topk=topk, jumprelu=jr, sae_root=sae_root)
+
+
+@pytest.fixture(scope="session")
+def steer_server(
+    default_model: Path, server_files: ServerFiles, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[SteerServer]:
+    """Model Runner V1, torch.compile mode: the suite's main server."""
+    root = tmp_path_factory.mktemp("server")
     port = server_process.free_port()
-    log = root / "server.log"
-    max_interventions = 8
-    cmd = [
-        sys.executable,
-        "-m",
-        "sae_steer_vllm.cli",
-        "serve",
-        "--sae",
-        f"test-sae={sae}",
-        "--sae",
-        f"topk-sae={topk}",
-        "--sae",
-        f"jr-sae={jr}",
-        "--max-interventions",
-        str(max_interventions),
-        "--allow-runtime-sae-updates",
-        "--sae-root",
-        str(sae_root),
-        "--steerable-layers",
-        "6",
-        "--dtype",
-        "float32",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--max-model-len",
-        "2048",
-        "--max-num-seqs",
-        "32",
-        "--seed",
-        "0",
-        "--enable-scale-out",  # /inference/v1/generate: test_server_doors admits steering there
-        "--print-command",
-    ]
+    cmd = [sys.executable, "-m", "sae_steer_vllm.cli", "serve"]
+    cmd += server_files.serve_args(MAX_INTERVENTIONS)
+    cmd += ["--port", str(port), "--max-num-seqs", "32"]
+    cmd += ["--enable-scale-out", "--print-command"]  # /inference/v1/generate: test_server_doors
     # The server runs the hand-launch command (`python -m vllm.entrypoints.openai.api_server
     # ...`, what the README documents) that `sae-steer serve --print-command` prints, so the
     # suite covers launching vLLM directly; `sae-steer serve` itself is run by the pipeline
-    # test. small_cpu_env is what `sae-steer serve` would add to the environment.
+    # test and the V2 server. small_cpu_env is what `sae-steer serve` would add to the environment.
     printed = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     cmd = shlex.split(printed.strip().splitlines()[-1])
     assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"], cmd
     env = small_cpu_env({**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2"})
-    srv = server_process.launch(cmd, log, port=port, env=env, healthy_within=900)
+    srv = server_process.launch(cmd, root / "server.log", port=port, env=env, healthy_within=900)
     try:
-        yield SteerServer(
-            base_url=srv.base_url,
-            model=default_model.name,
-            model_path=default_model,
-            sae_name="test-sae",
-            sae_path=sae,
-            d_sae=1024,
-            topk_sae_name="topk-sae",
-            jumprelu_sae_name="jr-sae",
-            jumprelu_sae_path=jr,
-            max_interventions=max_interventions,
-            log_path=log,
-            sae_root=sae_root,
-        )
+        yield steer_server_record(srv, default_model, server_files, MAX_INTERVENTIONS)
     finally:
         srv.stop()

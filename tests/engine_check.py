@@ -71,12 +71,30 @@ def main() -> None:
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--max-num-batched-tokens", type=int, default=None)
     ap.add_argument("--num-blocks", type=int, default=None, help="force preemption")
+    ap.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=None,
+        help="fewer rows: V2's start-up sampler run costs per row in Triton's interpreter",
+    )
     ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--skip-reference", action="store_true")
     ap.add_argument(
         "--prompt-len", type=int, default=100, help="isolation prompts are this long plus 0-15"
     )
+    ap.add_argument(
+        "--long-repeats",
+        type=int,
+        default=3,
+        help="the long exactness prompt is PROMPTS joined this many times (55 tokens each)",
+    )
+    ap.add_argument(
+        "--exact-specs",
+        default="none,clamp,add,multi",
+        help="which specs the exactness check runs in vLLM (the reference always runs 'none')",
+    )
     args = ap.parse_args()
+    exact_names = args.exact_specs.split(",")
     t0 = time.perf_counter()
     phases: dict[str, float] = {}
 
@@ -94,14 +112,14 @@ def main() -> None:
     sae_cfg, _, _ = read_config(args.sae)
     specs = specs_for("test", hf.hidden_size, sae_cfg.hook_layer)
     tok = AutoTokenizer.from_pretrained(args.model)
-    long_prompt = " ".join(PROMPTS) * 3
+    long_prompt = " ".join(PROMPTS) * args.long_repeats
     exact_prompts = [PROMPTS[0], long_prompt]
 
     report: dict = {"exactness": {}, "isolation": {}}
     # reference first: transformers in this process, before vLLM takes the cores
     ref: dict[str, list[list[float]]] = {}
     if not args.skip_reference:
-        for name in ("none", "clamp", "add", "multi"):
+        for name in dict.fromkeys(["none", *exact_names]):
             spec = None if name == "none" else specs[name]
             ref[name] = [
                 reference_prompt_logprobs(
@@ -116,6 +134,8 @@ def main() -> None:
         kw["max_num_batched_tokens"] = args.max_num_batched_tokens
     if args.num_blocks:
         kw["num_gpu_blocks_override"] = args.num_blocks
+    if args.max_num_seqs:
+        kw["max_num_seqs"] = args.max_num_seqs
     llm = LLM(
         args.model,
         dtype="float32",
@@ -143,7 +163,7 @@ def main() -> None:
         return d
 
     if not args.skip_reference:
-        for name in ("none", "clamp", "add", "multi"):
+        for name in exact_names:
             spec = None if name == "none" else specs[name]
             outs = llm.generate(
                 [prompt(p, spec) for p in exact_prompts],
@@ -190,7 +210,7 @@ def main() -> None:
     ]
     # prompts of 100-115 tokens: with 128-token KV blocks every request needs a second
     # block while decoding, so a small KV pool (--num-blocks) forces preemptions
-    filler = tok(long_prompt * 2)["input_ids"]
+    filler = tok(" ".join(PROMPTS) * 8)["input_ids"]
     batch: list[tuple[list[int], SteeringSpec | None]] = []
     for i in range(16):
         p = filler[i * 5 : i * 5 + args.prompt_len + i]
@@ -227,15 +247,17 @@ def main() -> None:
         o = llm.generate([p], [params(spec, logprobs=0, max_tokens=8)])[0].outputs[0]
         return [d[t].logprob for d, t in zip(o.logprobs, o.token_ids)]
 
-    llm.generate([prompt(long_prompt, None)], [params(None)])
-    salted = gen_lps(prompt(long_prompt, strong), strong)
+    # 165 tokens: the prefix cache keeps only full 128-token blocks
+    cached = " ".join(PROMPTS) * 3
+    llm.generate([prompt(cached, None)], [params(None)])
+    salted = gen_lps(prompt(cached, strong), strong)
     llm.reset_prefix_cache()
-    cold = gen_lps(prompt(long_prompt, strong), strong)
+    cold = gen_lps(prompt(cached, strong), strong)
     report["prefix_cache_clean"] = max(abs(a - b) for a, b in zip(salted, cold)) < 1e-5
     # control: the same steered request WITHOUT the salt, after the unsteered prompt
     # was cached, reuses unsteered KV; if this never differs the check above proves nothing
-    llm.generate([prompt(long_prompt, None)], [params(None)])
-    unsalted = gen_lps({"prompt": long_prompt}, strong)
+    llm.generate([prompt(cached, None)], [params(None)])
+    unsalted = gen_lps({"prompt": cached}, strong)
     report["unsalted_contaminated"] = max(abs(a - b) for a, b in zip(unsalted, cold)) > 1e-3
     report["outputs_mixed"] = [list(o.outputs[0].token_ids) for o in mixed]
     report["preemptions"] = sum(

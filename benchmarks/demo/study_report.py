@@ -201,8 +201,9 @@ def write_study_report(
         "",
         f"Model `{ctx.model}`, SAE `{ctx.sae_path}` ({ctx.sae_summary}). {ctx.score_summary}",
         "",
-        f"**Set-up.** {ctx.n_prompts} {ctx.dataset} problems, prompted as in the paper "
-        '("Please reason step by step, and put your final answer within \\boxed{}."), '
+        f"**Set-up.** {ctx.n_prompts} {ctx.dataset} problems with the eval's `default` prompt "
+        '("Please reason step by step, and put your final answer within \\boxed{}.", a newline, '
+        "the problem; DeepSeek-R1's usage note, not the paper's harness prompt), "
         f"max_tokens={ctx.max_tokens}, temperature={ctx.temperature:g}, top_p={ctx.top_p:g}, "
         f"subset/control seed={ctx.seed}, one sample per problem and arm. Arms: no steering; each of the top-{k} "
         f"ReasonScore features alone at strengths {', '.join(f'{s:g}' for s in design.strengths)} "
