@@ -108,7 +108,8 @@ class SAEList(_Wire):
 
 class RegisterSAE(_Wire):
     """``POST /v1/saes``: a name and where the SAE folder is, relative to the server's
-    ``--sae-root`` (``path``) or on the Hugging Face Hub (``hf``: ``repo_id[/subfolder]``)."""
+    ``--sae-root`` (``path``) or on the Hugging Face Hub (``hf``: ``repo_id[/subfolder][@revision]``,
+    resolved by :mod:`sae_steer_vllm.sae.hub`)."""
 
     name: str
     path: str | None = Field(default=None, min_length=1, max_length=4096)

@@ -118,9 +118,12 @@ def test_model_runner_v2_compiled_tp2_and_preemption(qwen2: tuple[Path, Path, Pa
     """The same checks on vLLM's Model Runner V2 (the GPU default), in torch.compile mode with
     tensor parallelism 2, run here on CPU through Triton's interpreter (the test-only shim in
     tests/v2_shim): exactness vs transformers (a clamp; two clamps plus a vector at another
-    layer), isolation of 16 mixed requests vs solo runs, preemption (a preempted request comes
-    back as a new request, usually in another row) and prefix-cache isolation. Eager mode and
-    chunked prefill on V2 are covered by the V2 half of tests/test_server.py.
+    layer), isolation of 16 mixed requests (unsteered ones equal to an all-unsteered batch;
+    steered ones equal to the steered requests run as one reversed batch, i.e. in other rows
+    with other preemptions), preemption (a preempted request comes back as a new request,
+    usually in another row) and prefix-cache isolation. Eager mode, chunked prefill and
+    steered-vs-solo isolation of 18 concurrent requests on V2 are in the V2 half of
+    tests/test_server.py.
 
     Sized for the interpreter (~0.3 s a step, ~0.3 s a prompt-logprob token): 12 generated
     tokens, prompts of 120-135 tokens so every request needs a second 128-token KV block while
@@ -135,6 +138,7 @@ def test_model_runner_v2_compiled_tp2_and_preemption(qwen2: tuple[Path, Path, Pa
         sae,
         *("--tp", "2", "--num-blocks", "9", "--max-tokens", "12", "--prompt-len", "120"),
         *("--long-repeats", "2", "--exact-specs", "clamp,multi", "--max-num-seqs", "16"),
+        "--steered-together",
         env={**v2_env(), "VLLM_CPU_OMP_THREADS_BIND": "0|1"},
     )
     log = (root / "qwen2_v2_compiled_tp2.log").read_text()

@@ -215,20 +215,18 @@ async def _many(
     client = AsyncOpenAI(base_url=server.base_url, api_key="none", max_retries=0, timeout=600)
 
     async def one(prompt: str, spec: SteeringSpec | None) -> list[int]:
+        # token ids without logprobs: V2 computes logprobs with Triton kernels, which the
+        # interpreter runs slowly, and greedy ids are what isolation compares
         r = await client.completions.create(
             model=server.model,
             prompt=prompt,
             max_tokens=max_tokens,
             temperature=0,
-            logprobs=1,
-            extra_body={
-                **steering_extra_body(spec),
-                "ignore_eos": True,
-                "return_tokens_as_token_ids": True,
-            },
+            extra_body={**steering_extra_body(spec), "ignore_eos": True, "return_token_ids": True},
         )
-        assert r.choices[0].logprobs is not None
-        return [int(t.split(":")[1]) for t in r.choices[0].logprobs.tokens]
+        ids = r.choices[0].model_extra and r.choices[0].model_extra.get("token_ids")
+        assert ids, "the server returned no token ids"
+        return [int(t) for t in ids]
 
     try:
         return list(await asyncio.gather(*(one(p, s) for p, s in jobs)))
@@ -237,31 +235,34 @@ async def _many(
 
 
 def test_concurrent_isolation(server: Any) -> None:
-    """18 concurrent greedy requests, half steered with 3 different specs."""
+    """18 concurrent greedy requests, half steered with 3 different specs, each equal to its
+    solo run (8 tokens on V2, whose interpreted kernels make every step slow here)."""
     prompts = [f"Item {i}: the quick brown fox number {i} jumps over" for i in range(18)]
+    # strong enough that every steered request changes within V2's 8 tokens
     specs = [
-        _spec(server, feature=3, strength=8.0),
-        _spec(server, feature=7, value=30.0, strength=None, mode="add"),
+        _spec(server, feature=3, strength=30.0),
+        _spec(server, feature=7, value=80.0, strength=None, mode="add"),
         SteeringSpec.from_obj(
             {
                 "interventions": [
-                    {"sae": server.sae_name, "feature": 11, "value": 25.0, "mode": "clamp"},
-                    {"layer": 5, "vector": [0.05] * 576, "scale": 2.0},
+                    {"sae": server.sae_name, "feature": 11, "value": 80.0, "mode": "clamp"},
+                    {"layer": 5, "vector": [0.05] * 576, "scale": 6.0},
                 ],
                 "positions": "generated",
             }
         ),
     ]
     jobs = [(p, specs[i % 3] if i % 2 == 0 else None) for i, p in enumerate(prompts)]
-    mixed = asyncio.run(_many(server, jobs, 16))
-    plain = asyncio.run(_many(server, [(p, None) for p, _ in jobs], 16))
+    n = 16 if server.runner == "v1" else 8
+    mixed = asyncio.run(_many(server, jobs, n))
+    plain = asyncio.run(_many(server, [(p, None) for p, _ in jobs], n))
     for i, (p, s) in enumerate(jobs):
         if s is None:
             assert mixed[i] == plain[i], f"unsteered request {i} changed in a mixed batch"
         else:
-            alone = asyncio.run(_many(server, [(p, s)], 16))[0]
+            alone = asyncio.run(_many(server, [(p, s)], n))[0]
             assert mixed[i] == alone, f"steered request {i} differs from running alone"
-    assert sum(mixed[i] != plain[i] for i in range(0, 18, 2)) >= 5
+    assert sum(mixed[i] != plain[i] for i in range(0, 18, 2)) >= 7, "steering had no visible effect"
 
 
 def _completion(

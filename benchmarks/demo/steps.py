@@ -26,6 +26,8 @@ from sae_steer_vllm.constants import (
     TRAIN_METRICS_FILE,
 )
 from sae_steer_vllm.files import json_digest
+from sae_steer_vllm.sae.stats_file import STATS_FORMAT_VERSION
+from sae_training.tokens import CorpusSpec
 
 SAE_FILES = (SAELENS_CFG, SAELENS_WEIGHTS, TRAIN_METRICS_FILE)
 """What an adopted training run contributes: the SAE and its training metrics."""
@@ -148,6 +150,9 @@ def score_key(cfg: DemoConfig, sae_dir: Path) -> str:
             "token_check": cfg.token_check,
             "token_texts": cfg.token_texts,
             "dashboard_top": cfg.dashboard_top,
+            # statistics counted another way (format 2: burn-in, quantile unit) are recomputed
+            "stats_format": STATS_FORMAT_VERSION,
+            "burn_in": CorpusSpec(Path(TRACE_CORPUS), ctx=cfg.score_ctx).burn_in,
         }
     )
 

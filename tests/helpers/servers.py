@@ -33,6 +33,7 @@ class SteerServer:
     max_interventions: int
     log_path: Path
     sae_root: Path  # POST /v1/saes resolves paths under it
+    runner: str = "v1"  # vLLM's model runner: "v1" or "v2"
 
     @property
     def root_url(self) -> str:
@@ -76,7 +77,11 @@ class ServerFiles:
 
 
 def steer_server_record(
-    srv: server_process.ServerProcess, model: Path, files: ServerFiles, max_interventions: int
+    srv: server_process.ServerProcess,
+    model: Path,
+    files: ServerFiles,
+    max_interventions: int,
+    runner: str = "v1",
 ) -> SteerServer:
     return SteerServer(
         base_url=srv.base_url,
@@ -91,6 +96,7 @@ def steer_server_record(
         max_interventions=max_interventions,
         log_path=srv.log,
         sae_root=files.sae_root,
+        runner=runner,
     )
 
 
@@ -99,12 +105,15 @@ def v2_steer_server(model: Path, files: ServerFiles, root: Path) -> Iterator[Ste
     """``sae-steer serve`` as documented, on Model Runner V2 (vLLM's GPU default), here on CPU
     through the test-only Triton shim (``tests/v2_shim``).
 
-    Before V2 was tested, this command did not start on V2 at all ("SteeringBatchTracker is
-    not a subclass of vllm.v1.worker.gpu.sample.logits_processor.LogitsProcessor"). Eager (V2's per-step kernels run in
-    Triton's interpreter, so compile mode would only add start-up time; compile on V2 is in
-    ``test_engine_matrix``) and prefill chunked at 64 tokens, so long prompts span steps."""
+    ``model`` must be the default model (what ``sae-steer serve`` runs without ``--model``,
+    served under its folder's name as on V1). Before V2 was tested, this command did not start
+    on V2 at all ("SteeringBatchTracker is not a subclass of
+    vllm.v1.worker.gpu.sample.logits_processor.LogitsProcessor"). Eager (V2's per-step kernels
+    run in Triton's interpreter, so compile mode would only add start-up time; compile on V2 is
+    in ``test_engine_matrix``) and prefill chunked at 64 tokens, so long prompts span steps."""
     port = server_process.free_port()
-    cmd = [sys.executable, "-m", "sae_steer_vllm.cli", "serve", "--model", str(model)]
+    # no --model: the default model, served under its folder's name as on V1
+    cmd = [sys.executable, "-m", "sae_steer_vllm.cli", "serve"]
     cmd += files.serve_args(MAX_INTERVENTIONS)
     cmd += ["--port", str(port), "--max-num-seqs", "16", "--enforce-eager"]
     cmd += ["--max-num-batched-tokens", "64"]
@@ -114,6 +123,6 @@ def v2_steer_server(model: Path, files: ServerFiles, root: Path) -> Iterator[Ste
     try:
         if V2_LOG_LINE not in log.read_text():
             raise AssertionError(f"the server did not build Model Runner V2; see {log}")
-        yield steer_server_record(srv, model, files, MAX_INTERVENTIONS)
+        yield steer_server_record(srv, model, files, MAX_INTERVENTIONS, runner="v2")
     finally:
         srv.stop()
