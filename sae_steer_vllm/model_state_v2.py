@@ -1,6 +1,11 @@
 """Model Runner V2's glue (vLLM's GPU default): the per-model ``ModelState`` hook and its slot map.
 
-The contract, from vLLM 0.32.0 (paths under ``vllm/v1/``; 0.33.0 is the same):
+The contract, from vLLM 0.32.0 (paths under ``vllm/v1/``). vLLM 0.33.0 (GPU wheel, diffed against
+0.32.0; no CPU build of 0.33 exists to run here) keeps every part of it: ``ModelState`` and
+``DefaultModelState.__init__``, ``NewRequestData``, the input-batch fields read below,
+``model_states/__init__.py``, both logits-processor interfaces and the ``additional_config``
+handling are unchanged; ``gpu/model_runner.py`` changed in 182 lines (line numbers below
+shift), with the same calls to the model state:
 
 * ``worker/gpu/model_states/__init__.py:32-33``: ``resolve_model_state_cls`` uses the
   model's ``get_model_state_cls()`` when it has one; the runner builds the state in

@@ -94,6 +94,9 @@ def main() -> None:
         help="which specs the exactness check runs in vLLM (the reference always runs 'none')",
     )
     ap.add_argument(
+        "--iso-requests", type=int, default=16, help="requests in the mixed isolation batch"
+    )
+    ap.add_argument(
         "--steered-together",
         action="store_true",
         help="compare each steered request of the mixed batch with the steered requests run "
@@ -218,7 +221,7 @@ def main() -> None:
     # block while decoding, so a small KV pool (--num-blocks) forces preemptions
     filler = tok(" ".join(PROMPTS) * 8)["input_ids"]
     batch: list[tuple[list[int], SteeringSpec | None]] = []
-    for i in range(16):
+    for i in range(args.iso_requests):
         p = filler[i * 5 : i * 5 + args.prompt_len + i]
         spec = iso_specs[(i // 2) % 4] if i % 2 == 0 else None
         batch.append((p, spec))

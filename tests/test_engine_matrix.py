@@ -117,8 +117,8 @@ def test_qwen2_compiled_tp1_and_tp2_agree(qwen2: tuple[Path, Path, Path]) -> Non
 def test_model_runner_v2_compiled_tp2_and_preemption(qwen2: tuple[Path, Path, Path]) -> None:
     """The same checks on vLLM's Model Runner V2 (the GPU default), in torch.compile mode with
     tensor parallelism 2, run here on CPU through Triton's interpreter (the test-only shim in
-    tests/v2_shim): exactness vs transformers (a clamp; two clamps plus a vector at another
-    layer), isolation of 16 mixed requests (unsteered ones equal to an all-unsteered batch;
+    tests/v2_shim): exactness vs transformers (two clamps plus a vector at another layer),
+    isolation of 8 mixed requests (unsteered ones equal to an all-unsteered batch;
     steered ones equal to the steered requests run as one reversed batch, i.e. in other rows
     with other preemptions), preemption (a preempted request comes back as a new request,
     usually in another row) and prefix-cache isolation. Eager mode, chunked prefill and
@@ -126,7 +126,7 @@ def test_model_runner_v2_compiled_tp2_and_preemption(qwen2: tuple[Path, Path, Pa
     tests/test_server.py.
 
     Sized for the interpreter (~0.3 s a step, ~0.3 s a prompt-logprob token): 12 generated
-    tokens, prompts of 120-135 tokens so every request needs a second 128-token KV block while
+    tokens, prompts of 120-127 tokens so every request needs a second 128-token KV block while
     decoding (9 blocks force preemption), and the default token budget: with a 64-token budget
     vLLM's own start-up profile run (reproduced without the plugin) feeds NaN logits to the
     sampler in compile mode here, which the interpreter's argmax rejects."""
@@ -137,8 +137,8 @@ def test_model_runner_v2_compiled_tp2_and_preemption(qwen2: tuple[Path, Path, Pa
         model,
         sae,
         *("--tp", "2", "--num-blocks", "9", "--max-tokens", "12", "--prompt-len", "120"),
-        *("--long-repeats", "2", "--exact-specs", "clamp,multi", "--max-num-seqs", "16"),
-        "--steered-together",
+        *("--long-repeats", "2", "--exact-specs", "multi", "--max-num-seqs", "16"),
+        *("--iso-requests", "8", "--steered-together"),
         env={**v2_env(), "VLLM_CPU_OMP_THREADS_BIND": "0|1"},
     )
     log = (root / "qwen2_v2_compiled_tp2.log").read_text()
