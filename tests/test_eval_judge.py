@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers.fake_endpoint import FakeServer
+from helpers.fake_endpoint import FakeServer, chat_response
 
 from benchmarks.client import EndpointError
 from benchmarks.eval import main as eval_main
@@ -31,16 +31,7 @@ CASES = [
 
 
 def _chat(body: dict[str, Any], text: str) -> tuple[int, dict[str, Any]]:
-    return 200, {
-        "id": "c",
-        "object": "chat.completion",
-        "created": 0,
-        "model": body["model"],
-        "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
-        ],
-        "usage": {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12},
-    }
+    return 200, chat_response(body["model"], text)
 
 
 def _model(body: dict[str, Any]) -> tuple[int, dict[str, Any]]:

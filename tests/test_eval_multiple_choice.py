@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers.fake_endpoint import FakeServer
+from helpers.fake_endpoint import FakeServer, chat_response
 
 from benchmarks.grading import grade_choice
 from benchmarks.multiple_choice import extract_letter, load_choice_file
@@ -137,16 +137,7 @@ def _mc_reply(body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     assert right is not None
     wrong = "A" if right.group(1) != "A" else "B"
     text = f"<think>Perhaps Answer: {wrong}. Wait, no.</think>\n\nAnswer: {right.group(1)}"
-    return 200, {
-        "id": "c",
-        "object": "chat.completion",
-        "created": 0,
-        "model": body["model"],
-        "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
-        ],
-        "usage": {"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14},
-    }
+    return 200, chat_response(body["model"], text, completion_tokens=9)
 
 
 def test_gpqa_sweep_records_the_shuffle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -41,6 +41,26 @@ def make_problems(n: int, *, nobox: int | None = None) -> list[Problem]:
     return out
 
 
+def chat_response(
+    model: str, text: str, *, prompt_tokens: int = 5, completion_tokens: int = 7
+) -> dict[str, Any]:
+    """A minimal ``/v1/chat/completions`` response body carrying ``text``."""
+    return {
+        "id": "c",
+        "object": "chat.completion",
+        "created": 0,
+        "model": model,
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+        ],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    }
+
+
 def error_body(status: int, message: str) -> dict[str, Any]:
     return {"error": {"message": message, "type": "BadRequestError", "code": status}}
 
