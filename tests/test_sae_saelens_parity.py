@@ -27,12 +27,12 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import saelens_env
 from safetensors.torch import load_file, save_file
 
 from sae_steer_vllm.sae import SAE, SAERows, load_sae
 
 ROOT = Path(__file__).resolve().parent.parent
-ENV_PY = ROOT / ".venv-saelens" / "bin" / "python"
 D, S = 32, 128
 SCALE = 2.5  # a dataset scaling factor for the fold check
 
@@ -197,22 +197,7 @@ def _tensors(arch: str, seed: int) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def saelens_python() -> Path:
-    """``.venv-saelens``'s python, built on first use like tests/test_training_saelens.py."""
-    if (
-        not ENV_PY.is_file()
-        or subprocess.run([str(ENV_PY), "-c", "import sae_lens"], capture_output=True).returncode
-    ):
-        r = subprocess.run(
-            ["bash", str(ROOT / "scripts" / "setup_saelens_env.sh")],
-            capture_output=True,
-            text=True,
-            timeout=1200,
-        )
-        if r.returncode != 0:
-            pytest.skip(
-                f"could not build .venv-saelens (sae-lens not installable here): {r.stderr[-500:]}"
-            )
-    return ENV_PY
+    return saelens_env.saelens_python()
 
 
 def _run_saelens(py: Path, x_file: Path, folders: list[Path]) -> dict[str, Any]:

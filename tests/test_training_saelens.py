@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import saelens_env
 from helpers.activations import one_thread, synthetic_acts
 from safetensors.torch import load_file, save_file
 
@@ -21,7 +22,6 @@ from sae_training import MemoryActivations
 from sae_training.trainer import RunOptions, TrainConfig, Trainer, export_sae
 
 ROOT = Path(__file__).resolve().parent.parent
-ENV_PY = ROOT / ".venv-saelens" / "bin" / "python"
 
 SNIPPET = r"""
 import json, sys, torch
@@ -57,21 +57,7 @@ VARIANTS = {
 
 @pytest.fixture(scope="module")
 def saelens_python() -> Path:
-    if (
-        not ENV_PY.is_file()
-        or subprocess.run([str(ENV_PY), "-c", "import sae_lens"], capture_output=True).returncode
-    ):
-        r = subprocess.run(
-            ["bash", str(ROOT / "scripts" / "setup_saelens_env.sh")],
-            capture_output=True,
-            text=True,
-            timeout=1200,
-        )
-        if r.returncode != 0:
-            pytest.skip(
-                f"could not build .venv-saelens (sae-lens not installable here): {r.stderr[-500:]}"
-            )
-    return ENV_PY
+    return saelens_env.saelens_python()
 
 
 @pytest.mark.slow
