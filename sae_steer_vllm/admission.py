@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from .errors import UsageError
+from .readout_wire import INTERNAL_KEYS, READOUT_ID_KEY, READOUT_TO_KEY
 from .spec import (
     MAX_SPEC_DEPTH,
     XARGS_KEY,
@@ -211,6 +213,59 @@ def salt_for(spec: SteeringSpec, client_salt: Any) -> str:
     return salt
 
 
+READOUT_ROUTES = frozenset({("POST", "/v1/chat/completions"), ("POST", "/v1/completions")})
+"""Routes whose responses can carry ``sae_readout`` (one completion per request)."""
+
+
+def prepare_readout(
+    method: str, path: str, data: dict[str, Any], spec: SteeringSpec, address: str
+) -> str:
+    """Admit an admitted spec's readout: refuse what cannot be read per request, then write
+    the readout id and this API process's address beside the spec, ask vLLM for token ids,
+    and keep prompt positions out of the prefix cache. Returns the readout id.
+
+    The refusals: other routes (their responses are not one completion); ``n``/``best_of``
+    > 1 and beam search (several sequences would share one readout id); a batch of
+    prompts (the same); ``include_reasoning: false`` (the readout names every generated
+    token, which would leak the hidden reasoning).
+    """
+    where = "vllm_xargs.steering.readout"
+    if (method, path) not in READOUT_ROUTES:
+        routes = " and ".join(f"{m} {p}" for m, p in sorted(READOUT_ROUTES))
+        raise AdmissionError(f"{method} {path} cannot return a readout; use {routes}", param=where)
+    for key in ("n", "best_of"):
+        value = data.get(key)
+        if isinstance(value, int) and value > 1:
+            raise AdmissionError(
+                f"readout reads one sequence per request; '{key}': {value} is not supported "
+                "(send separate requests)",
+                param=key,
+            )
+    if data.get("use_beam_search"):
+        raise AdmissionError("readout does not support beam search", param="use_beam_search")
+    prompt = data.get("prompt")
+    if isinstance(prompt, list) and len(prompt) > 1 and not all(isinstance(t, int) for t in prompt):
+        raise AdmissionError(
+            "readout reads one prompt per request; send the prompts separately",
+            param="prompt",
+        )
+    if data.get("include_reasoning") is False:
+        raise AdmissionError(
+            "readout reports every generated token, so it cannot hide reasoning: drop "
+            "'include_reasoning': false",
+            param="include_reasoning",
+        )
+    readout_id = uuid.uuid4().hex
+    holder = data["vllm_xargs"]
+    holder[READOUT_ID_KEY] = readout_id
+    holder[READOUT_TO_KEY] = address
+    data["return_token_ids"] = True
+    assert spec.readout is not None
+    if spec.readout.reads_prompt:  # cached positions were never computed for this request
+        data["cache_salt"] = f"readout-{readout_id}"
+    return readout_id
+
+
 def admit(
     method: str,
     path: str,
@@ -251,8 +306,11 @@ def admit(
     except SteeringSpecError as e:
         raise AdmissionError(str(e), param=route.where) from None
     holder[XARGS_KEY] = spec.to_json()
+    for key in INTERNAL_KEYS:  # only prepare_readout writes these, never a client
+        holder.pop(key, None)
     if spec.is_noop:
         return spec
     holder[REQUEST_ID_KEY] = request_id
-    data["cache_salt"] = salt_for(spec, data.get("cache_salt"))
+    if spec.steers:  # a readout alone changes no KV: it shares the unsteered cache
+        data["cache_salt"] = salt_for(spec, data.get("cache_salt"))
     return spec

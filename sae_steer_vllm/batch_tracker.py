@@ -61,6 +61,7 @@ class V1BatchSlots:
     def _release(self, slot: int) -> None:
         if slot:
             self._free.append(slot)
+            self.ws.release_slot(slot)
 
     def update(self, batch_update: Any) -> None:
         """Apply a ``BatchUpdate`` (order: removed, added, moved)."""
@@ -74,7 +75,8 @@ class V1BatchSlots:
             plan = self.ws.plan_for(params)
             if plan is not None:
                 slot = self._alloc()
-                self.ws.write_slot(slot, plan, len(prompt_ids) if prompt_ids is not None else 0)
+                plen = len(prompt_ids) if prompt_ids is not None else 0
+                self.ws.write_slot(slot, plan, plen, params)
                 rs[row] = slot
         for a, b, direction in batch_update.moved:
             if direction == MoveDirectionality.SWAP:

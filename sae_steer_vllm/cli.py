@@ -45,6 +45,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "Run AIME / MATH-500 / GSM8K (or any JSONL) against an OpenAI endpoint, with sweeps.",
     ),
     "bench": ("benchmarks.bench_serving", "Measure serving tokens/s for steered/unsteered mixes."),
+    "inspect": (
+        "benchmarks.inspect_cli",
+        "Show which SAE features fire on each token of a prompt and the served model's answer.",
+    ),
     "demo": (
         "benchmarks.demo.cli",
         "The whole study on the default model: train, score, serve, measure, report.",

@@ -42,6 +42,10 @@ ACTIVATIONS_DIR = "activations"
 TABLE_JSON = "reasonscore_top.json"
 TABLE_CSV = "reasonscore_top.csv"
 DASHBOARD_DIR = "dashboard"
+DASHBOARD_INDEX = "index.html"
+DASHBOARD_FEATURE_PAGE = "feature_{feature}.html"
+"""One feature's dashboard page (``.format(feature=i)``); ``sae-steer inspect --dashboard``
+links to it. owner: sae_training.features.dashboard"""
 VOCAB_FILE = "reasoning_vocab.json"
 """Packaged reasoning vocabulary (sae_training/data/)."""
 

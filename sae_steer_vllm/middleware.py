@@ -33,12 +33,15 @@ from .admission import (
     admit,
     find_spec_keys_in_form,
     parse_json_body,
+    prepare_readout,
     route_path,
     seed_requested,
     show,
     supported_routes,
 )
 from .plugin_config import PluginConfig, PluginConfigError
+from .readout_response import ReadoutResponder, TokenTexts
+from .readout_server import ReadoutReceiver
 from .server_saes import (  # the catalog is shared with the /v1/saes routes (sae_routes.py)
     ADMITTED_SPEC,
     CATALOG_STATE,
@@ -53,6 +56,8 @@ logger = logging.getLogger("sae_steer_vllm")
 Scope = dict[str, Any]
 
 _ROWS_CHECKED_MAX = 65536
+_READOUT_ID = "sae_steer.readout_id"  # scope keys, set by _admit for __call__
+_KEEP_IDS = "sae_steer.keep_token_ids"
 _ERROR_TYPES = {400: "BadRequestError", 413: "RequestTooLargeError", 503: "ServiceUnavailable"}
 
 
@@ -64,6 +69,8 @@ class SteeringMiddleware:
         # (SAE name, folder, feature) whose rows this process has read once: such a spec's
         # plan cannot fail in a worker for want of a readable file
         self._rows_ok: set[tuple[str, str, int]] = set()
+        self._receiver: ReadoutReceiver | None = None  # this process's readout socket
+        self._texts: TokenTexts | None = None
 
     # ------------------------------------------------------------------ settings
     def _state(self, scope: Scope) -> Any:
@@ -154,6 +161,7 @@ class SteeringMiddleware:
             await _send_error(send, e)
             return
         admitted = scope.pop(ADMITTED_SPEC, None)  # its SAEs are in use until we return
+        readout_id = scope.pop(_READOUT_ID, None)
         if rewritten is None:
             forward_scope, forward_body = scope, body
         else:
@@ -170,8 +178,16 @@ class SteeringMiddleware:
                 return {"type": "http.request", "body": forward_body, "more_body": False}
             return dict(await receive())
 
-        with hold_saes(scope, admitted):  # no await since the check: DELETE cannot slip in
-            await self.app(forward_scope, replay, send)
+        if readout_id is None:
+            with hold_saes(scope, admitted):  # no await since the check: DELETE cannot slip in
+                await self.app(forward_scope, replay, send)
+            return
+        assert self._receiver is not None and admitted is not None
+        try:
+            with hold_saes(scope, admitted):
+                await self.app(forward_scope, replay, self._responder(scope, send, readout_id))
+        finally:  # answered, failed or abandoned: nothing of this readout stays behind
+            self._receiver.store.close(readout_id)
 
     async def _admit(
         self, scope: Scope, body: bytes
@@ -205,10 +221,57 @@ class SteeringMiddleware:
         if spec is None:
             return None
         scope[ADMITTED_SPEC] = spec
+        if spec.readout is not None and isinstance(data, dict):
+            scope[_READOUT_ID] = self._open_readout(scope, method, path, data, spec)
         # vLLM names a request after X-Request-Id when given, so the id a worker logs for
         # this request is the one in vLLM's own logs and responses
         extra = [(b"x-request-id", request_id.encode())] if generated and not spec.is_noop else []
         return json.dumps(data).encode(), extra
+
+    # ------------------------------------------------------------------ readout
+    def _open_readout(
+        self, scope: Scope, method: str, path: str, data: dict[str, Any], spec: SteeringSpec
+    ) -> str:
+        """Admit the readout part (:func:`prepare_readout`) and open its entry in this
+        process's store, refusing with 503 while the store is full."""
+        limits = self._get_limits(scope)
+        if self._receiver is None:
+            self._receiver = ReadoutReceiver(limits.readout_max_pending_bytes)
+        self._receiver.ensure_started()
+        store = self._receiver.store
+        if store.nbytes >= store.max_bytes:
+            raise AdmissionError(
+                "readout: this server's readout buffer is full (readout_max_pending_bytes); "
+                "retry shortly",
+                503,
+            )
+        client_ids = bool(data.get("return_token_ids"))
+        readout_id = prepare_readout(method, path, data, spec, self._receiver.address)
+        assert spec.readout is not None
+        store.open(readout_id, spec.readout)
+        scope[_KEEP_IDS] = client_ids
+        return readout_id
+
+    def _responder(self, scope: Scope, send: Any, readout_id: str) -> ReadoutResponder:
+        assert self._receiver is not None
+        pending = self._receiver.store.get(readout_id)
+        assert pending is not None
+        if self._texts is None:
+            self._texts = TokenTexts(_tokenizer(scope))
+        catalog = api_server_catalog(self._state(scope))
+        layers = {
+            r.sae: catalog.saes[r.sae].cfg.hook_layer
+            for r in pending.spec.saes
+            if r.sae in catalog.saes
+        }
+        return ReadoutResponder(
+            send,
+            pending,
+            keep_token_ids=bool(scope.pop(_KEEP_IDS, False)),
+            texts=self._texts,
+            layers=layers,
+            wait_s=self._get_limits(scope).readout_wait_s,
+        )
 
     def _admit_form(self, method: str, path: str, fields: list[tuple[str, str | None]]) -> None:
         """No route forwards a form's spec together with a ``cache_salt``: refuse any."""
@@ -221,6 +284,17 @@ class SteeringMiddleware:
             )
         if self._is_cpu() and any(name == "seed" and value for name, value in fields):
             raise AdmissionError(SEED_REFUSAL, param="seed")
+
+
+def _tokenizer(scope: Scope) -> Any:
+    """vLLM's tokenizer in this API process (None if it has none: tokens are then empty)."""
+    state = getattr(scope.get("app"), "state", None)
+    client = getattr(state, "engine_client", None)
+    renderer = getattr(client, "renderer", None)
+    try:
+        return renderer.get_tokenizer() if renderer is not None else None
+    except Exception:  # noqa: BLE001 - e.g. --skip-tokenizer-init: ids are still reported
+        return None
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

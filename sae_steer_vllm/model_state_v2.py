@@ -68,7 +68,7 @@ class V2RequestSlots:
         if plan is None:
             return
         slot = req_index + 1
-        self.ws.write_slot(slot, plan, prompt_len)
+        self.ws.write_slot(slot, plan, prompt_len, params)
         self._req_slot[req_id] = slot
         self.row_slot[req_index] = slot
 
@@ -76,6 +76,7 @@ class V2RequestSlots:
         slot = self._req_slot.pop(req_id, None)
         if slot is not None:
             self.row_slot[slot - 1] = 0
+            self.ws.release_slot(slot)
 
     def fill(self, input_batch: Any) -> None:
         if not self._req_slot:

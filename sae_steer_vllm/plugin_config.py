@@ -82,6 +82,33 @@ class PluginConfig(BaseModel):
         "SAEs). Each such layer costs one small matmul per token.",
     )
 
+    # ------------------------------------------------ per-token readout (readout_*.py)
+    readout: bool = Field(
+        default=False,
+        description="Accept readout requests (SteeringSpec.readout): resid_post is captured at "
+        "every SAE layer each step, and rank 0 keeps each SAE's full encoder in float32.",
+    )
+    readout_max_top_k: int = Field(
+        default=64, ge=1, le=4096, description="Largest 'top_k' a readout may ask for."
+    )
+    readout_max_watch: int = Field(
+        default=64, ge=0, le=256, description="Most watched features per SAE in one readout."
+    )
+    readout_max_pending_bytes: int = Field(
+        default=256 * 1024 * 1024,
+        ge=1 << 20,
+        le=1 << 36,
+        description="API-server memory for readout values of running requests; values "
+        "beyond it are dropped and reported as missing_positions.",
+    )
+    readout_wait_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=600,
+        description="How long a finished response waits for its last readout values "
+        "before reporting the rest as missing_positions.",
+    )
+
     @field_validator("saes")
     @classmethod
     def _names(cls, v: dict[str, str]) -> dict[str, str]:

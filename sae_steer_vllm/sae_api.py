@@ -22,6 +22,7 @@ from .spec import (
     FeatureIntervention,
     Mode,
     Positions,
+    ReadoutSpec,
     SteeringSpec,
     SteeringSpecError,
     Unit,
@@ -82,6 +83,18 @@ class ServerLimits(_Wire):
     vector_layers_setting: str = Field(description="the server's vector_layers option, as given")
     max_spec_bytes: int | None = Field(default=None, description="largest spec JSON accepted")
     max_body_bytes: int | None = Field(default=None, description="largest request body read")
+    readout: ReadoutLimits = Field(default_factory=lambda: ReadoutLimits(enabled=False))
+
+
+class ReadoutLimits(_Wire):
+    """What a readout request may ask of this server (``SteeringSpec.readout``)."""
+
+    enabled: bool = Field(description="the server was started with readout support")
+    max_top_k: int = Field(default=0, ge=0)
+    max_watch: int = Field(default=0, ge=0)
+    layers: list[int] = Field(
+        default_factory=list, description="layers whose resid_post is captured for readout"
+    )
 
 
 class RuntimeUpdates(_Wire):
@@ -135,6 +148,8 @@ def check_spec_against(spec: SteeringSpec, listing: SAEList) -> None:
     """
     limits, model = listing.limits, listing.model
     saes = listing.by_name()
+    if spec.readout is not None:
+        check_readout_against(spec.readout, saes, limits.readout)
     n = len(spec.interventions)
     if n > limits.max_interventions:
         raise SteeringSpecError(
@@ -230,3 +245,45 @@ def _check_feature(
             f"{where}.mode: 'add' on layer {info.layer} is disabled on this server "
             f"(vector_layers={limits.vector_layers_setting})"
         )
+
+
+def check_readout_against(
+    readout: ReadoutSpec, saes: dict[str, SAEEntry], limits: ReadoutLimits
+) -> None:
+    """The readout half of :func:`check_spec_against`."""
+    if not limits.enabled:
+        raise SteeringSpecError(
+            "steering: readout: this server was started without readout support "
+            "(sae-steer serve --readout)"
+        )
+    for k, r in enumerate(readout.saes):
+        where = f"steering: readout.saes.{k}"
+        info = saes.get(r.sae)
+        if info is None:
+            known = ", ".join(sorted(saes)) or "none"
+            raise SteeringSpecError(f"{where}.sae: unknown SAE {r.sae!r} (registered: {known})")
+        if info.layer not in limits.layers:
+            raise SteeringSpecError(
+                f"{where}.sae: SAE {r.sae!r} reads layer {info.layer}, which this server does "
+                f"not capture for readout (layers {limits.layers})"
+            )
+        if r.top_k > limits.max_top_k:
+            raise SteeringSpecError(
+                f"{where}.top_k: {r.top_k} exceeds this server's limit of {limits.max_top_k} "
+                "(readout_max_top_k)"
+            )
+        if r.top_k > info.d_sae:
+            raise SteeringSpecError(
+                f"{where}.top_k: {r.top_k} exceeds SAE {r.sae!r}'s {info.d_sae} features"
+            )
+        if len(r.features) > limits.max_watch:
+            raise SteeringSpecError(
+                f"{where}.features: {len(r.features)} watched features exceed this server's "
+                f"limit of {limits.max_watch} (readout_max_watch)"
+            )
+        bad = [f for f in r.features if f >= info.d_sae]
+        if bad:
+            raise SteeringSpecError(
+                f"{where}.features: feature {bad[0]} out of range for SAE {r.sae!r} "
+                f"with {info.d_sae} features"
+            )

@@ -289,9 +289,17 @@ def main(argv: list[str]) -> int:
         ),
     )
     add_model_options(p, ServeOptions)
-    add_model_options(p, PluginConfig, exclude=["saes", *RUNTIME_FIELDS], group="steering limits")
+    readout_fields = [f for f in PluginConfig.model_fields if f.startswith("readout")]
+    add_model_options(
+        p,
+        PluginConfig,
+        exclude=["saes", *RUNTIME_FIELDS, *readout_fields],
+        group="steering limits",
+    )
     runtime_only = [f for f in PluginConfig.model_fields if f not in RUNTIME_FIELDS]
     add_model_options(p, PluginConfig, exclude=runtime_only, group="runtime SAEs (/v1/saes)")
+    readout_only = [f for f in PluginConfig.model_fields if f not in readout_fields]
+    add_model_options(p, PluginConfig, exclude=readout_only, group="per-token readout")
     args, vllm_args = p.parse_known_args(argv)
     environ = dict(os.environ)  # before importing vLLM, which adds its own settings
 

@@ -88,7 +88,10 @@ class ServerSAEs:
 def spec_sae_names(spec: SteeringSpec | None) -> set[str]:
     if spec is None:
         return set()
-    return {iv.sae for iv in spec.interventions if isinstance(iv, FeatureIntervention)}
+    names = {iv.sae for iv in spec.interventions if isinstance(iv, FeatureIntervention)}
+    if spec.readout is not None:
+        names.update(r.sae for r in spec.readout.saes)
+    return names
 
 
 def server_saes(scope: dict[str, Any]) -> ServerSAEs:

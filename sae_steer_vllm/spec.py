@@ -127,13 +127,77 @@ Intervention = Annotated[
 ]
 
 
+READOUT_TOP_K = 8
+"""Default number of top features reported per token and SAE."""
+READOUT_MAX_WATCH = 256
+"""Most watched features one SAE readout may list (the server's limit may be lower)."""
+
+
+class SAEReadout(BaseModel):
+    """Read one registered SAE at every read token: its ``top_k`` features and the watch list.
+
+    The values are the SAE's own encode of its input, resid_post at its layer *before* any
+    intervention at that layer: a clamped feature reads what the SAE saw, not the target.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sae: str = Field(min_length=1, max_length=200)
+    top_k: int = Field(default=READOUT_TOP_K, ge=0)
+    """Features reported per token, largest activation first (only active ones); at most
+    the server's ``readout_max_top_k``."""
+    features: list[int] = Field(default_factory=list, max_length=READOUT_MAX_WATCH)
+    """Watch list: these features' values at every read token, active or not, plus their
+    summary over the generated tokens."""
+
+    @field_validator("features")
+    @classmethod
+    def _features(cls, v: list[int]) -> list[int]:
+        if any(f < 0 for f in v):
+            raise ValueError("features must be >= 0")
+        if len(set(v)) != len(v):
+            raise ValueError("features lists a feature twice")
+        return v
+
+    @model_validator(mode="after")
+    def _reads_something(self) -> SAEReadout:
+        if self.top_k == 0 and not self.features:
+            raise ValueError("top_k is 0 and no features are watched: nothing to read")
+        return self
+
+
+class ReadoutSpec(BaseModel):
+    """What a request reads out of the model (``SteeringSpec.readout``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    saes: list[SAEReadout] = Field(min_length=1, max_length=16)
+    positions: Positions = "all"
+    """Read tokens: ``prompt``, ``generated`` or ``all``. Prompt positions are computed for
+    this request alone (no prefix-cache reuse), since cached positions were never computed."""
+
+    @field_validator("saes")
+    @classmethod
+    def _distinct(cls, v: list[SAEReadout]) -> list[SAEReadout]:
+        names = [r.sae for r in v]
+        if len(set(names)) != len(names):
+            raise ValueError("an SAE is read twice; list each SAE once")
+        return v
+
+    @property
+    def reads_prompt(self) -> bool:
+        return self.positions in ("all", "prompt")
+
+
 class SteeringSpec(BaseModel):
-    """All interventions of one request; applied together at their layers."""
+    """All interventions of one request, applied together at their layers, and what it reads."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     interventions: list[Intervention] = Field(default_factory=list)
     positions: Positions = "all"
+    readout: ReadoutSpec | None = None
+    """Per-token SAE feature readout (``sae_readout`` in the response); None: none."""
 
     # ------------------------------------------------------------ wire format
     def to_json(self) -> str:
@@ -178,11 +242,19 @@ class SteeringSpec(BaseModel):
 
     @property
     def is_noop(self) -> bool:
-        return not self.interventions
+        """Neither steers nor reads: the request runs as if it had no spec."""
+        return not self.interventions and self.readout is None
+
+    @property
+    def steers(self) -> bool:
+        return bool(self.interventions)
 
     def cache_salt(self) -> str:
-        """Deterministic prefix-cache salt: identical specs share KV, others never do."""
-        return "steer-" + json_digest(self.model_dump(exclude_none=True), length=40)
+        """Deterministic prefix-cache salt: identical steering shares KV, other steering never
+        does. The readout is left out: reading changes no value the KV cache holds."""
+        return "steer-" + json_digest(
+            self.model_dump(exclude_none=True, exclude={"readout"}), length=40
+        )
 
     def extra_body(self) -> dict[str, Any]:
         """``extra_body`` for the stock ``openai`` client (chat or completions)."""

@@ -66,6 +66,9 @@ def _steering_hook(
     if positions.dim() > 1:  # M-RoPE passes [3, n]; the first row is the text position
         positions = positions[0]
     n = residual.shape[0]
+    capture = getattr(module, "sae_steer_capture", None)
+    if capture is not None:  # readout: what the SAE sees, before this layer's intervention
+        capture(hidden + residual, positions)
     idx = module.sae_steer_tok_slot[:n]
     gate = position_gate(
         positions, idx, module.sae_steer_slot_mode, module.sae_steer_slot_prompt_len
@@ -87,10 +90,15 @@ def _install(model: nn.Module, vllm_config: Any) -> None:
         if tables is None:
             continue
         layer.sae_steer_tables = tables  # registers the buffers as a submodule
+        capture = ws.build_capture(i, dtype)
+        if capture is not None:
+            layer.sae_steer_capture = capture
         layer.register_buffer("sae_steer_tok_slot", tok_slot, persistent=False)
         layer.register_buffer("sae_steer_slot_mode", slot_mode, persistent=False)
         layer.register_buffer("sae_steer_slot_prompt_len", slot_prompt_len, persistent=False)
         layer.register_forward_hook(_steering_hook, with_kwargs=True)
+    if ws.readout is not None:
+        ws.readout.preload()
 
 
 class SteeringMixin(nn.Module):
@@ -123,6 +131,14 @@ class SteeringMixin(nn.Module):
                 "report the vLLM version"
             )
         return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> Any:
+        """vLLM's, then this step's readout is shipped: both runners call this eagerly after
+        every forward, outside compiled and CUDA graphs (repeat calls in a step no-op)."""
+        logits = super().compute_logits(hidden_states)  # type: ignore[misc]
+        if self._sae_steer_ws.readout is not None:
+            self._sae_steer_ws.readout.ship()
+        return logits
 
     def get_model_state_cls(self) -> type:
         """Model Runner V2 asks the model for its state class (unused under V1)."""

@@ -41,6 +41,7 @@ from .plugin_config import PluginConfig, PluginConfigError
 from .sae import SAEConfig, SAEFormatError, SAERows, load_units, read_config
 from .sae_api import (
     ModelShape,
+    ReadoutLimits,
     RuntimeUpdates,
     SAEEntry,
     SAEList,
@@ -51,6 +52,7 @@ from .spec import (
     FeatureIntervention,
     Mode,
     Positions,
+    ReadoutSpec,
     Site,
     SteeringSpec,
     SteeringSpecError,
@@ -129,6 +131,9 @@ class SAECatalog:
     vector_layers: set[int]
     clamp_layers: set[int] = field(default_factory=set)
     steerable_layers: set[int] = field(default_factory=set)
+    readout_layers: set[int] = field(default_factory=set)
+    """Layers whose resid_post is captured for readout (fixed at start-up, like the tables):
+    with ``readout`` on, every start-up SAE's layer and every clamp layer (runtime SAEs)."""
     _rows: dict[str, SAERows] = field(default_factory=dict)
     _listing: SAEList | None = None
 
@@ -142,6 +147,7 @@ class SAECatalog:
         vector_layers = config.vector_layer_set(num_layers)
         runtime_layers = config.steerable_layer_set(num_layers)
         clamp = {s.cfg.hook_layer for s in saes.values() if s.cfg.architecture != "topk"}
+        sae_layers = {s.cfg.hook_layer for s in saes.values()}
         return cls(
             saes=saes,
             num_layers=num_layers,
@@ -149,9 +155,8 @@ class SAECatalog:
             limits=config,
             vector_layers=vector_layers,
             clamp_layers=clamp | runtime_layers,
-            steerable_layers=vector_layers
-            | runtime_layers
-            | {s.cfg.hook_layer for s in saes.values()},
+            steerable_layers=vector_layers | runtime_layers | sae_layers,
+            readout_layers=(clamp | runtime_layers | sae_layers) if config.readout else set(),
         )
 
     @classmethod
@@ -206,6 +211,12 @@ class SAECatalog:
                     vector_layers_setting=lim.vector_layers,
                     max_spec_bytes=lim.max_spec_bytes,
                     max_body_bytes=lim.max_body_bytes,
+                    readout=ReadoutLimits(
+                        enabled=lim.readout,
+                        max_top_k=lim.readout_max_top_k if lim.readout else 0,
+                        max_watch=lim.readout_max_watch if lim.readout else 0,
+                        layers=sorted(self.readout_layers),
+                    ),
                 ),
                 runtime_updates=RuntimeUpdates(
                     enabled=lim.allow_runtime_sae_updates,
@@ -313,6 +324,8 @@ class LayerPlan:
 class SteeringPlan:
     layers: dict[int, LayerPlan]
     position_mode: PositionMode
+    readout: ReadoutSpec | None = None
+    """what the request reads (:mod:`sae_steer_vllm.readout_worker`); its tables may be empty"""
 
 
 def plan_spec(spec: SteeringSpec, cat: SAECatalog) -> SteeringPlan:
@@ -338,4 +351,6 @@ def plan_spec(spec: SteeringSpec, cat: SAECatalog) -> SteeringPlan:
             lp = layers.setdefault(layer, LayerPlan())
             lp.clamps.append(ClampRow(enc=enc, bias=bias, threshold=thr, dec=dec, target=target))
             lp.clamp_site = iv.site
-    return SteeringPlan(layers=layers, position_mode=PositionMode.of(spec.positions))
+    return SteeringPlan(
+        layers=layers, position_mode=PositionMode.of(spec.positions), readout=spec.readout
+    )

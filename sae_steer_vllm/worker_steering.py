@@ -32,6 +32,8 @@ import torch
 from .admission import REQUEST_ID_KEY
 from .errors import SaeSteerError
 from .plugin_config import PluginConfigError
+from .readout_capture import ReadoutCapture
+from .readout_worker import WorkerReadout, read_target
 from .sae import SAEFormatError, SAERows
 from .slot_tables import LayerTables
 from .spec import spec_from_extra_args
@@ -89,6 +91,8 @@ class WorkerSteering:
         self._slot_layers: dict[int, set[int]] = {}
         self._dirty_upto = 0
         self._warned: set[str] = set()
+        self.readout = _readout_for(self.catalog, vllm_config)
+        self._readout_pos: torch.Tensor | None = None
         logger.info(
             "sae-steer: %d SAEs %s, steerable layers %s, clamp layers %s, %d slots",
             len(self.catalog.saes),
@@ -137,6 +141,16 @@ class WorkerSteering:
         t = LayerTables(self.num_slots, self.d_model, k, dtype)
         self.tables[layer] = t
         return t
+
+    def build_capture(self, layer: int, dtype: torch.dtype) -> ReadoutCapture | None:
+        """The readout capture of ``layer`` (while vLLM constructs the model), or None."""
+        if self.readout is None or layer not in self.catalog.readout_layers:
+            return None
+        if self._readout_pos is None:
+            self._readout_pos = torch.zeros(self.max_tokens, dtype=torch.int64)
+        cap = ReadoutCapture(self.max_tokens, self.d_model, dtype, self._readout_pos)
+        self.readout.add_capture(layer, cap)
+        return cap
 
     def shared_buffers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.tok_slot is None:
@@ -209,8 +223,13 @@ class WorkerSteering:
             self._warned.add(key)
             logger.error(msg, *args)
 
-    def write_slot(self, slot: int, plan: SteeringPlan, prompt_len: int) -> None:
-        """Put a request's plan into ``slot``'s tables (clearing layers it no longer uses)."""
+    def write_slot(
+        self, slot: int, plan: SteeringPlan, prompt_len: int, params: Any = None
+    ) -> None:
+        """Put a request's plan into ``slot``'s tables (clearing layers it no longer uses),
+        and its readout target (from ``params``) beside them."""
+        if self.readout is not None:
+            self.readout.attach(slot, read_target(params, plan.readout, prompt_len))
         for layer in self._slot_layers.pop(slot, set()) - set(plan.layers):
             self.tables[layer].write(slot, None)
         for layer, lp in plan.layers.items():
@@ -219,6 +238,12 @@ class WorkerSteering:
         _, mode, plen = self.shared_buffers()
         mode[slot] = int(plan.position_mode)
         plen[slot] = prompt_len
+
+    def release_slot(self, slot: int) -> None:
+        """The request in ``slot`` left (finished, aborted or preempted): it reads no more.
+        Its tables are overwritten by the next :meth:`write_slot`."""
+        if self.readout is not None:
+            self.readout.release(slot)
 
     # ------------------------------------------------------------------ token map
     def write_tokens(self, tok: np.ndarray) -> None:
@@ -231,10 +256,29 @@ class WorkerSteering:
             buf[n : self._dirty_upto].zero_()
         nz = int(np.count_nonzero(tok)) if n else 0
         self._dirty_upto = n if nz else 0
+        if self.readout is not None:
+            self.readout.step_tokens(tok)
 
     def clear_tokens(self) -> None:
         """No steered request in this step."""
         self.write_tokens(np.zeros(0, dtype=np.int64))
+
+
+def _readout_for(catalog: SAECatalog, vllm_config: Any) -> WorkerReadout | None:
+    """The worker's readout, when the server reads; refuses set-ups it cannot read exactly."""
+    if not catalog.readout_layers:
+        return None
+    if int(getattr(vllm_config.parallel_config, "pipeline_parallel_size", 1)) > 1:
+        raise PluginConfigError(
+            "sae-steer: readout needs every SAE layer on one rank; it does not support "
+            "pipeline parallelism (drop --readout or --pipeline-parallel-size)"
+        )
+    if getattr(vllm_config, "speculative_config", None) is not None:
+        raise PluginConfigError(
+            "sae-steer: readout would report rejected draft tokens; it does not support "
+            "speculative decoding (drop --readout or --speculative-config)"
+        )
+    return WorkerReadout(catalog)
 
 
 def _fmt_layers(layers: set[int]) -> str:

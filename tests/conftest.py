@@ -4,8 +4,9 @@ Starting vLLM costs about a minute on two cores, so every test that needs a
 real endpoint shares ``steer_server`` (default model, float32 so outputs are
 batch-invariant, torch.compile mode, three registered SAEs, and runtime SAE
 registration under ``sae_root`` on layer 6 and the clampable SAEs' layers 14 and 18).
-``tests/test_server.py`` runs its tests on it and on a Model Runner V2 server with the
-same SAE files (``helpers/servers.py:v2_steer_server``), started for that module only.
+Tests that take the ``server`` fixture (``test_server.py``, ``test_readout*.py``) run on it
+and on a Model Runner V2 server with the same SAE files (``helpers/servers.py:v2_steer_server``),
+started once, when the first V2 test runs (pytest groups the tests by runner).
 """
 
 from __future__ import annotations
@@ -18,7 +19,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers.servers import MAX_INTERVENTIONS, ServerFiles, SteerServer, steer_server_record
+from helpers.servers import (
+    MAX_INTERVENTIONS,
+    ServerFiles,
+    SteerServer,
+    steer_server_record,
+    v2_steer_server,
+)
 
 from benchmarks import server_process
 from sae_steer_vllm.default_model import prepare_default_model
@@ -82,3 +89,19 @@ def steer_server(
         yield steer_server_record(srv, default_model, server_files, MAX_INTERVENTIONS)
     finally:
         srv.stop()
+
+
+@pytest.fixture(scope="session", params=["v1", "v2"])
+def server(
+    request: pytest.FixtureRequest,
+    default_model: Path,
+    server_files: ServerFiles,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[SteerServer]:
+    """A test taking this runs against Model Runner V1 (the shared compile-mode server) and V2
+    (vLLM's GPU default; eager, prefill chunked at 64 tokens), with the same assertions."""
+    if request.param == "v1":
+        yield request.getfixturevalue("steer_server")
+        return
+    with v2_steer_server(default_model, server_files, tmp_path_factory.mktemp("v2")) as srv:
+        yield srv

@@ -7,34 +7,16 @@ import asyncio
 import json
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from helpers.server_metrics import prefix_cache_hits
-from helpers.servers import ServerFiles, SteerServer, v2_steer_server
 from openai import AsyncOpenAI, BadRequestError, OpenAI
 
 from sae_steer_vllm.spec import SteeringSpec, steering_extra_body
 
 pytestmark = pytest.mark.server
-
-
-@pytest.fixture(scope="module", params=["v1", "v2"])
-def server(
-    request: pytest.FixtureRequest,
-    default_model: Path,
-    server_files: ServerFiles,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[SteerServer]:
-    """Each test below runs against Model Runner V1 (the shared compile-mode server) and V2
-    (vLLM's GPU default; eager, prefill chunked at 64 tokens), with the same assertions."""
-    if request.param == "v1":
-        yield request.getfixturevalue("steer_server")
-        return
-    with v2_steer_server(default_model, server_files, tmp_path_factory.mktemp("v2")) as srv:
-        yield srv
 
 
 PROMPT = "Write one sentence about the sea."
@@ -386,7 +368,6 @@ def test_prefix_cache_isolation(server: Any) -> None:
 def test_readme_client_snippet_runs(steer_server: Any, capsys: pytest.CaptureFixture[str]) -> None:
     """The README's copy-paste snippet, run verbatim except for the URL and SAE name."""
     import re
-    from pathlib import Path
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     m = re.search(r"<!-- snippet:client -->\s*```python\n(.*?)```", readme, re.S)

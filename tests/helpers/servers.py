@@ -65,6 +65,7 @@ class ServerFiles:
             str(self.sae_root),
             "--steerable-layers",
             "6",
+            "--readout",
             "--dtype",
             "float32",
             "--host",
