@@ -21,6 +21,7 @@ import openai
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sae_steer_vllm.errors import EXIT_UNREACHABLE, SaeSteerError, UsageError
+from sae_steer_vllm.readout_api import SAEReadoutResponse, readout_from_response
 from sae_steer_vllm.sae_api import SAES_PATH, SAEList, check_spec_against
 from sae_steer_vllm.spec import SteeringSpec, SteeringSpecError, steering_extra_body
 
@@ -87,6 +88,8 @@ class ChatOutcome:
     error: str | None = None
     error_kind: ErrorKind | None = None
     connection_failed: bool = False
+    readout: SAEReadoutResponse | None = None
+    """The response's ``sae_readout`` (a spec with ``readout``), parsed; None without one."""
 
 
 def make_client(base_url: str, *, api_key: str = "EMPTY", timeout_s: float = 3600.0) -> Any:
@@ -113,12 +116,19 @@ def _parse(resp: Any) -> ChatOutcome:
         return ChatOutcome(
             error=f"malformed response: {e.errors()[0]['msg']}", error_kind="bad_response"
         )
+    try:
+        readout = readout_from_response(raw)
+    except ValidationError as e:
+        return ChatOutcome(
+            error=f"malformed sae_readout: {e.errors()[0]['msg']}", error_kind="bad_response"
+        )
     ch = r.choices[0]
     content = ch.message.content or ""
     reasoning = ch.message.reasoning_content or ch.message.reasoning
     # a server-side reasoning parser splits the trace off: put it back in front
     text = f"{reasoning}\n</think>\n\n{content}" if reasoning else content
     out = ChatOutcome(text=text, finish_reason=ch.finish_reason, token_ids=ch.token_ids)
+    out.readout = readout
     if r.usage is not None and r.usage.completion_tokens is not None:
         out.completion_tokens = r.usage.completion_tokens
         out.prompt_tokens = r.usage.prompt_tokens

@@ -24,6 +24,7 @@ from benchmarks.judge import JudgeConfig
 from benchmarks.multiple_choice import DEFAULT_CHOICE_SEED
 from benchmarks.options import CommaList, EndpointOptions, add_option_groups, command_parser
 from benchmarks.problems import LoadedProblems, load_problems
+from benchmarks.readout import readout_request
 from benchmarks.report import write_report
 from benchmarks.runner import SweepResult, run_sweep, shuffle_problems
 from benchmarks.sampling import SamplingConfig
@@ -31,7 +32,7 @@ from benchmarks.sweep import BASELINE, SpecFileError, SpecMap, grid_specs, load_
 from sae_steer_vllm.command import CommandConfig, add_model_options, model_from_args, run_command
 from sae_steer_vllm.constants import SAMPLES_FILE
 from sae_steer_vllm.errors import UsageError
-from sae_steer_vllm.spec import Mode
+from sae_steer_vllm.spec import FeatureIntervention, Mode, ReadoutSpec
 
 PROG = "sae-steer eval"
 
@@ -58,6 +59,10 @@ examples:
 
   # GPQA-Diamond from your own file (gated: see docs/eval.md for the format)
   sae-steer eval --dataset gpqa_diamond.jsonl --grader choice --max-tokens 32768
+
+  # clamp feature 123 and watch how it moves features 123, 7 and 88 during generation
+  # (a server started with `sae-steer serve --readout`)
+  sae-steer eval --sae default --features 123 --strengths 2,4 --readout default --watch 123,7,88
 
   # rebuild summary.md / plots from an existing log
   sae-steer eval --out runs/x --report-only
@@ -133,6 +138,15 @@ class EvalConfig(CommandConfig):
     """check every spec against the server's GET /v1/saes before the first request (unknown
     SAE, feature out of range, strength without statistics, mode, limits); --no-spec-check
     sends them and lets the server refuse each one. Servers without /v1/saes are not checked"""
+    # --- readout
+    readout: str | None = Field(default=None, json_schema_extra={"cli": {"metavar": "SAE"}})
+    """SAE (a name registered on the server) whose --watch features every request, steered
+    or not, reads at the generated tokens; each sample records their summary and the report
+    gets a table per arm. Needs a server started with `sae-steer serve --readout`: checked
+    against its GET /v1/saes before the first request"""
+    watch: CommaList[int] = []
+    """comma list of features of the --readout SAE to watch (default: every feature the sweep
+    steers on that SAE, from --features and --specs-file)"""
     # --- output
     out: Path = Path("eval-results")
     """output folder"""
@@ -178,6 +192,7 @@ GROUPS = {
         "baseline",
         "spec_check",
     ),
+    "readout": ("readout", "watch"),
     "measuring": (
         "think_end_id",
         "reasoning_from_chars",
@@ -249,6 +264,35 @@ def build_specs(cfg: EvalConfig) -> SpecMap:
     return specs
 
 
+def build_readout(cfg: EvalConfig, specs: SpecMap) -> ReadoutSpec | None:
+    """What every request reads (``--readout``/``--watch``), or None.
+
+    ``--watch`` defaults to the features the sweep steers on the ``--readout`` SAE (how
+    steering one of them moves the others); a sweep that steers none of them needs
+    ``--watch``.
+    """
+    if not cfg.readout:
+        if cfg.watch:
+            raise UsageError("--watch needs --readout (the SAE whose features to watch)")
+        return None
+    watch = list(cfg.watch)
+    if not watch:
+        steered = [
+            iv.feature
+            for s in specs.values()
+            if s is not None
+            for iv in s.interventions
+            if isinstance(iv, FeatureIntervention) and iv.sae == cfg.readout
+        ]
+        watch = list(dict.fromkeys(steered))
+    if not watch:
+        raise UsageError(
+            f"--readout {cfg.readout} needs --watch F1,F2,... (the sweep steers no feature of "
+            f"{cfg.readout!r} to watch by default)"
+        )
+    return readout_request(cfg.readout, watch)
+
+
 def load_datasets(cfg: EvalConfig) -> list[LoadedProblems]:
     """Every ``--dataset``, cut to ``--limit`` (after the seeded shuffle, if asked)."""
     loaded = []
@@ -300,6 +344,7 @@ def run_eval(endpoint: EndpointOptions, sampling: SamplingConfig, cfg: EvalConfi
         print(rep.summary_md.read_text())
         return 0
     specs = build_specs(cfg)
+    readout = build_readout(cfg, specs)
     judge = judge_config(cfg)
     loaded = load_datasets(cfg)
 
@@ -315,6 +360,9 @@ def run_eval(endpoint: EndpointOptions, sampling: SamplingConfig, cfg: EvalConfi
             f"{sampling.samples} sample(s) = {n_items} requests -> {cfg.out}",
             file=sys.stderr,
         )
+        if readout is not None:
+            r = readout.saes[0]
+            print(f"each request reads {r.sae} features {r.features}", file=sys.stderr)
         with Grader(workers=cfg.grader_workers) as grader:
             for i, lp in enumerate(loaded):
                 results.append(
@@ -337,6 +385,7 @@ def run_eval(endpoint: EndpointOptions, sampling: SamplingConfig, cfg: EvalConfi
                         think_end_id=_think_end(cfg),
                         judge=judge,
                         extra_config={"choice_seed": cfg.choice_seed},
+                        readout=readout,
                     )
                 )
     except EndpointError as e:

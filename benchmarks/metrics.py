@@ -27,7 +27,7 @@ from collections.abc import Iterable, Sequence
 from functools import lru_cache
 
 import numpy as np
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from benchmarks.grading import normalize_for_vote
 
@@ -210,6 +210,30 @@ def paired_bootstrap(
     alpha = (1.0 - confidence) / 2.0
     lo, hi = np.quantile(means, [alpha, 1.0 - alpha])
     return CI(diff=float(d.mean()), lo=float(lo), hi=float(hi), n_problems=len(keys))
+
+
+class Estimate(BaseModel):
+    """A mean over problems with its 95% percentile-bootstrap interval."""
+
+    model_config = ConfigDict(frozen=True)
+
+    mean: float
+    lo: float
+    hi: float
+    n: int
+
+
+def bootstrap_mean(values: Sequence[float], *, n_boot: int = 2000, seed: int = 0) -> Estimate:
+    """Mean of per-problem values with a 95% percentile bootstrap that resamples problems
+    (the unpaired twin of :func:`paired_bootstrap`, same seed convention)."""
+    x = np.asarray(values, dtype=float)
+    if x.size == 0:
+        nan = float("nan")
+        return Estimate(mean=nan, lo=nan, hi=nan, n=0)
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1)
+    lo, hi = np.quantile(means, [0.025, 0.975])
+    return Estimate(mean=float(x.mean()), lo=float(lo), hi=float(hi), n=int(x.size))
 
 
 def compare_to_baseline(

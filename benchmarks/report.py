@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.metrics import CI, SpecMetrics, compare_to_baseline, fmt, summarize
+from benchmarks.readout import READOUT_NOTE, ReadoutRow, readout_markdown, readout_table
 from benchmarks.results import SampleRecord, read_config, read_log
 from benchmarks.sweep import BASELINE, describe_single_feature
 from sae_steer_vllm.constants import EVAL_METRICS_FILE as METRICS_FILE
@@ -28,6 +29,8 @@ class Report:
     metrics_json: Path
     plots: list[Path] = field(default_factory=list)
     spec_errors: dict[str, str] = field(default_factory=dict)
+    readout: list[ReadoutRow] = field(default_factory=list)
+    """The watched features per arm (runs with ``--readout``; empty otherwise)."""
 
 
 def compute_metrics(
@@ -219,6 +222,7 @@ def write_report(
         if r.error_kind == "spec_rejected" and r.error and not r.error.startswith("not sent"):
             errors.setdefault(r.spec_name, r.error)
     metrics = compute_metrics(records, baseline=baseline, seed=seed)
+    readout = readout_table(records, baseline=baseline, seed=seed)
     plot_paths = (
         plot_strength_curves(metrics, _spec_of(records), out / PLOTS_DIR, baseline=baseline)
         if plots
@@ -248,6 +252,9 @@ def write_report(
         reasoning_note(records, cfg.get("think_end_id")),
         "",
     ]
+    if readout:
+        lines += ["## Watched features (readout)", "", readout_markdown(readout), ""]
+        lines += [READOUT_NOTE.format(baseline=baseline), ""]
     if errors:
         lines += ["## Rejected specs", ""]
         lines += [f"- `{n}`: {msg}" for n, msg in errors.items()]
@@ -263,5 +270,7 @@ def write_report(
         "metrics": [m.model_dump() for m in metrics],
         "spec_errors": errors,
     }
+    if readout:
+        payload["readout"] = [r.model_dump() for r in readout]
     atomic_write(mjson, json.dumps(_no_nan(payload), indent=2) + "\n")
-    return Report(metrics, summary, mjson, plot_paths, errors)
+    return Report(metrics, summary, mjson, plot_paths, errors, readout)

@@ -20,6 +20,7 @@ from benchmarks.metrics import GradedSample
 from sae_steer_vllm.constants import RUN_CONFIG_FILE as CONFIG_FILE
 from sae_steer_vllm.constants import SAMPLES_FILE as SAMPLES_FILE  # tests import it from here
 from sae_steer_vllm.files import atomic_write
+from sae_steer_vllm.readout_api import FeatureSummary
 
 SampleKey = tuple[str, str, str, str, int]
 """(dataset, problem_id, spec_name, spec_json, sample_index)."""
@@ -61,6 +62,10 @@ class SampleRecord(BaseModel):
     attempts: int = 0
     error: str | None = None
     error_kind: str | None = None
+    readout: dict[str, dict[str, FeatureSummary]] | None = None
+    """SAE -> watched feature (as a string) -> its summary over the generated tokens (the
+    response's ``sae_readout.saes[SAE].summary``; no per-token values). None: the request
+    read nothing (every log written before readout existed reads so)."""
 
     @property
     def key(self) -> SampleKey:

@@ -20,6 +20,9 @@ Failure handling:
 - If the server stops answering altogether (many consecutive connection
   failures) the sweep stops with :class:`EndpointError` instead of burning
   through every remaining item's retries.
+- With a readout (:mod:`benchmarks.readout`), a server whose ``GET /v1/saes`` says it
+  cannot read it (no readout support, unknown SAE, limits), or that has no listing at all,
+  stops the sweep before the first request with a :class:`~sae_steer_vllm.errors.UsageError`.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from benchmarks.grading import Grade, Grader
 from benchmarks.judge import Judge, JudgeConfig, JudgeResult
 from benchmarks.metrics import count_reasoning_words
 from benchmarks.problems import Problem
+from benchmarks.readout import check_arms, check_readout, readout_summaries, with_readout
 from benchmarks.results import (
     ResultLog,
     SampleKey,
@@ -61,6 +65,7 @@ from benchmarks.sweep import SpecMap
 from benchmarks.think_tokens import measure_reasoning, resolve_think_end_id
 from sae_steer_vllm.constants import SAMPLES_FILE
 from sae_steer_vllm.errors import UsageError
+from sae_steer_vllm.spec import ReadoutSpec
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +136,8 @@ def _record(
         )
         rec.reasoning_tokens, rec.has_think_end, rec.reasoning_source = n, has_end, source
         rec.reasoning_words = count_reasoning_words(out.text)
+    if out.readout is not None:
+        rec.readout = readout_summaries(out.readout)
     if judged is not None:
         rec.judge_verdict, rec.judge_response = judged.verdict, judged.response
     if grade is not None:
@@ -139,6 +146,20 @@ def _record(
         rec.grade_method = grade.method
         rec.grade_detail = grade.detail
     return rec
+
+
+def _require_readout(outc: ChatOutcome) -> ChatOutcome:
+    """A completion that asked for a readout and carries none is a failed sample (redone by
+    ``--resume``): its record would silently lack what the run is for."""
+    if outc.readout is not None:
+        return outc
+    return ChatOutcome(
+        error="the response carries no sae_readout although the request asked for one "
+        "(is this an sae-steer server started with --readout?)",
+        error_kind="bad_response",
+        latency_s=outc.latency_s,
+        attempts=outc.attempts,
+    )
 
 
 def _check_config(out_dir: Path, config: dict[str, Any], resume: bool) -> None:
@@ -179,12 +200,14 @@ async def run_sweep_async(
     think_end_id: int | Literal["auto"] | None = "auto",
     judge: JudgeConfig | None = None,
     extra_config: dict[str, Any] | None = None,
+    readout: ReadoutSpec | None = None,
 ) -> SweepResult:
     """Async body of :func:`run_sweep` (use this from code that already runs an event loop)."""
     cfg = sampling or SamplingConfig()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
+    check_arms(specs, readout)
     client = make_client(base_url, api_key=api_key, timeout_s=request_timeout_s)
     judge_client: Judge | None = None
     try:
@@ -204,6 +227,8 @@ async def run_sweep_async(
             think_end_id=end_id,
             judge=judge.model_dump() if judge else None,
             **(extra_config or {}),
+            # only when reading: folders of runs without readout keep resuming
+            **({"readout": readout.model_dump(mode="json")} if readout is not None else {}),
         )
         _check_config(out, config, resume)
         if judge is not None:
@@ -212,9 +237,14 @@ async def run_sweep_async(
                 await check_endpoint(judge_client._client, judge.model)
             except EndpointError as e:
                 raise EndpointError(f"the judge cannot be used: {e}") from None
-        if check_specs and any(s is not None for s in specs.values()):
+        if check_specs and (readout is not None or any(s is not None for s in specs.values())):
             # before the first request: every spec against what the server serves
-            listing = await fetch_sae_list(client)
+            notes: list[str] = []
+            listing = await fetch_sae_list(client, notice=notes.append)
+            if readout is not None:
+                check_readout(readout, listing, notes[0] if notes else "")
+            elif notes:
+                print(notes[0], file=sys.stderr)
             if listing is not None:
                 check_sweep_against(specs, listing)
         write_config(out, config)
@@ -276,6 +306,7 @@ async def run_sweep_async(
                     except asyncio.QueueEmpty:
                         return
                     spec = specs[it.spec_name]
+                    sent = with_readout(spec, readout)
                     if it.spec_name in result.spec_errors:
                         outc = ChatOutcome(
                             error=f"not sent: spec rejected ({result.spec_errors[it.spec_name]})",
@@ -291,7 +322,7 @@ async def run_sweep_async(
                                 top_p=cfg.top_p,
                                 max_tokens=cfg.max_tokens,
                                 seed=cfg.seed_for(it.sample_index),
-                                spec=spec,
+                                spec=sent,
                                 extra_body=cfg.extra_body,
                                 retry=retry,
                                 stop=cfg.stop_for(it.problem),
@@ -300,6 +331,8 @@ async def run_sweep_async(
                         except EndpointError as e:
                             fatal.append(e)
                             return
+                        if outc.error is None and sent is not None and sent.readout is not None:
+                            outc = _require_readout(outc)
                     grade = None
                     judged = None
                     if outc.error is None:
@@ -323,7 +356,11 @@ async def run_sweep_async(
                         fatal.append(
                             EndpointError(
                                 f"the server rejects unsteered requests too ({outc.error}); "
-                                "fix the sampling settings (e.g. drop --seed)"
+                                + (
+                                    "check --readout and --watch against its GET /v1/saes"
+                                    if readout is not None
+                                    else "fix the sampling settings (e.g. drop --seed)"
+                                )
                             )
                         )
                     elif outc.error_kind == "spec_rejected":
@@ -406,6 +443,13 @@ def run_sweep(
     gives the id; ``None`` (or a server without ``/tokenize``) estimates from characters
     (:mod:`benchmarks.think_tokens`). ``judge`` decides the answers math-verify cannot parse
     (:mod:`benchmarks.judge`). ``extra_config`` is recorded in ``config.json``.
+
+    ``readout`` (:func:`benchmarks.readout.readout_request`) is sent with every request,
+    merged into each arm's spec (unsteered arms send it alone); the server's listing must
+    say it can read it (else :class:`~sae_steer_vllm.errors.UsageError` before the first
+    request), each record keeps the watched features' summaries, a completion without
+    ``sae_readout`` is a failed sample, and ``config.json`` records the readout (a resume
+    with another one is refused).
     """
     cfg = sampling or SamplingConfig(
         temperature=temperature, top_p=top_p, max_tokens=max_tokens, samples=samples, seed=seed

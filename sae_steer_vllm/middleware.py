@@ -40,6 +40,7 @@ from .admission import (
     supported_routes,
 )
 from .plugin_config import PluginConfig, PluginConfigError
+from .readout_api import STATS_PATH, ReadoutStats
 from .readout_response import ReadoutResponder, TokenTexts
 from .readout_server import ReadoutReceiver
 from .server_saes import (  # the catalog is shared with the /v1/saes routes (sae_routes.py)
@@ -130,6 +131,9 @@ class SteeringMiddleware:
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        if scope.get("method") == "GET" and _path(scope) == STATS_PATH:
+            await _send_json(send, 200, self._stats(scope).model_dump())
             return
         limit = self._get_limits(scope).max_body_bytes
         too_large = AdmissionError(
@@ -252,6 +256,18 @@ class SteeringMiddleware:
         scope[_KEEP_IDS] = client_ids
         return readout_id
 
+    def _stats(self, scope: Scope) -> ReadoutStats:
+        limits = self._get_limits(scope)
+        store = self._receiver.store if self._receiver is not None else None
+        return ReadoutStats(
+            enabled=limits.readout,
+            open=len(store) if store else 0,
+            bytes=store.nbytes if store else 0,
+            max_bytes=limits.readout_max_pending_bytes,
+            dropped_blocks=store.dropped_blocks if store else 0,
+            stale_blocks=store.stale_blocks if store else 0,
+        )
+
     def _responder(self, scope: Scope, send: Any, readout_id: str) -> ReadoutResponder:
         assert self._receiver is not None
         pending = self._receiver.store.get(readout_id)
@@ -340,8 +356,14 @@ def _is_cpu_backend() -> bool:
     return bool(current_platform.is_cpu())
 
 
+def _path(scope: Scope) -> str:
+    return route_path(str(scope.get("path", "")), str(scope.get("root_path", "")))
+
+
 async def _send_error(send: Any, error: AdmissionError) -> None:
-    payload = json.dumps(
+    await _send_json(
+        send,
+        error.status,
         {
             "error": {
                 "message": str(error),
@@ -349,12 +371,16 @@ async def _send_error(send: Any, error: AdmissionError) -> None:
                 "param": error.param,
                 "code": error.status,
             }
-        }
-    ).encode()
+        },
+    )
+
+
+async def _send_json(send: Any, status: int, obj: Any) -> None:
+    payload = json.dumps(obj).encode()
     await send(
         {
             "type": "http.response.start",
-            "status": error.status,
+            "status": status,
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(payload)).encode()),

@@ -31,6 +31,10 @@ RESPONSE_KEY = "sae_readout"
 """Top-level key of the readout in a completion (and in the final stream chunk)."""
 
 
+STATS_PATH = "/v1/readout/stats"
+"""``GET``: the API process's readout store (:class:`ReadoutStats`), for operators and tests."""
+
+
 class _Wire(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -92,3 +96,16 @@ def readout_from_response(resp: Any) -> SAEReadoutResponse | None:
     if raw is None:
         return None
     return SAEReadoutResponse.model_validate(raw)
+
+
+class ReadoutStats(_Wire):
+    """``GET /v1/readout/stats``: what this API server process holds for running readouts."""
+
+    enabled: bool = Field(description="the server accepts readout requests")
+    open: int = Field(ge=0, description="readout requests being answered now")
+    bytes: int = Field(ge=0, description="bytes of readout values held for them")
+    max_bytes: int = Field(ge=0, description="readout_max_pending_bytes")
+    dropped_blocks: int = Field(ge=0, description="blocks dropped because the store was full")
+    stale_blocks: int = Field(
+        ge=0, description="blocks that arrived for a request already answered or abandoned"
+    )

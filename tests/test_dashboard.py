@@ -7,14 +7,12 @@ is skipped, saying so, only when the binary is absent.
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from helpers.chromium import chromium_or_skip, dump_dom, orange_pixels, screenshot_pixels
 from helpers.corpora import trace_records, write_jsonl
 from helpers.models import make_tiny_model
 from helpers.saes import make_sae
@@ -27,16 +25,6 @@ from sae_training.features.ranked_table import ranked_rows
 from sae_training.features.token_dependence import TokenDependence
 
 TOP_K = 4
-
-
-def _chromium() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        path = shutil.which(name) or (
-            f"/usr/bin/{name}" if Path(f"/usr/bin/{name}").exists() else None
-        )
-        if path:
-            return path
-    return None
 
 
 @pytest.fixture(scope="module")
@@ -129,57 +117,23 @@ def test_logit_lens_applies_final_norm(built: tuple[Path, Path, FeatureStats]) -
 def test_renders_in_headless_chromium(
     built: tuple[Path, Path, FeatureStats], tmp_path: Path
 ) -> None:
-    chromium = _chromium()
-    if chromium is None:
-        pytest.skip("chromium is not installed (CI installs the Debian 'chromium' package)")
+    chromium = chromium_or_skip()
     index, _, stats = built
     f0 = int(stats.ranking()[0])
-    flags = [
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        f"--user-data-dir={tmp_path / 'profile'}",
-    ]
+    profile = tmp_path / "profile"
     page = index.parent / f"feature_{f0}.html"
-
-    def dump_dom(html_file: Path) -> str:
-        return subprocess.run(
-            [chromium, *flags, "--dump-dom", html_file.as_uri()],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=True,
-        ).stdout
-
-    dom = dump_dom(page)
+    dom = dump_dom(chromium, page, profile)
     assert f'data-feature="{f0}"' in dom
     assert dom.count('class="context"') == int((stats["top_values"][f0] > 0).sum())
     assert 'class="histogram"' in dom and dom.count('class="logit-lens"') == 2
-    index_dom = dump_dom(index)
+    index_dom = dump_dom(chromium, index, profile)
     assert index_dom.count('class="feature-row"') == TOP_K
 
-    shot = tmp_path / "feature.png"
-    subprocess.run(
-        [chromium, *flags, f"--screenshot={shot}", "--window-size=1200,900", page.as_uri()],
-        capture_output=True,
-        timeout=120,
-        check=True,
-    )
-    from PIL import Image
-
-    img = Image.open(shot).convert("RGB")
-    assert img.size == (1200, 900)
-    px = torch.from_numpy(np.asarray(img).reshape(-1, 3).astype(np.float32))  # [N, 3]
+    px = screenshot_pixels(chromium, page, profile)  # [N, 3]
     assert float(px.std()) > 10.0, "screenshot is blank"
     # the orange token highlighting and the blue histogram bars are really drawn
-    orange = ((px[:, 0] > 200) & (px[:, 1] > 60) & (px[:, 1] < 190) & (px[:, 2] < 120)).sum()
     blue = ((px[:, 2] > 150) & (px[:, 0] < 110) & (px[:, 1] > 90) & (px[:, 1] < 150)).sum()
-    assert int(orange) > 50 and int(blue) > 50
+    assert orange_pixels(px) > 50 and int(blue) > 50
 
 
 def test_ranked_rows_match_stats(built: tuple[Path, Path, FeatureStats]) -> None:

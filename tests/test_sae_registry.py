@@ -32,7 +32,7 @@ def test_listing_says_what_each_sae_accepts(tmp_path: Path) -> None:
     assert listing.limits.max_interventions == 4 and listing.limits.max_clamp_per_layer == 2
     assert listing.model.num_layers == LAYERS and listing.model.d_model == D
     assert listing.runtime_updates.enabled and listing.runtime_updates.layers == [2, 5, 6]
-    assert "top_k" not in cat.listing().model_dump_json()  # no readout limit exists yet
+    assert not listing.limits.readout.enabled and listing.limits.readout.layers == []
     assert str(tmp_path) not in cat.listing().model_dump_json()  # never a server path
 
 

@@ -50,6 +50,7 @@ GROUPS = {
         "top_p",
         "seed",
         "concurrency",
+        "watch_top",
     ),
     "server": ("base_url", "sae_name", "host", "port", "vllm_args", "server_timeout"),
 }

@@ -80,6 +80,9 @@ class DemoConfig(CommandConfig):
     """problem subset and random control features"""
     concurrency: int = Field(default=64, ge=1)
     """requests in flight (the server runs 64 at once)"""
+    watch_top: int = Field(default=5, ge=0, le=64)
+    """top ReasonScore features every study request reads during generation (the demo's
+    server runs with --readout); the report shows how each arm moved them. 0: no readout"""
     # --- server
     base_url: str | None = None
     """use this running server (.../v1) instead of starting one; it must serve the SAE

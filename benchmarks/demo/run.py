@@ -18,6 +18,7 @@ Each step is skipped when ``steps.json`` says it is done for the same inputs
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import time
 from collections.abc import Callable
@@ -41,7 +42,9 @@ from benchmarks.demo.study_report import ReportContext, plot_study, write_study_
 from benchmarks.problems import Problem
 from benchmarks.runner import SweepResult
 from sae_steer_vllm.constants import PLOTS_DIR, SAELENS_WEIGHTS
+from sae_steer_vllm.errors import UsageError
 from sae_steer_vllm.files import atomic_write_json, json_digest
+from sae_steer_vllm.spec import ReadoutSpec
 
 TOPK_NOTE = (
     "the SAE is TopK: a TopK feature's value depends on all the other features, so "
@@ -62,23 +65,61 @@ def resolve_mode(mode: str, sae_dir: Path) -> tuple[Literal["clamp", "add"], lis
     return "clamp", []
 
 
-def study_key(cfg: DemoConfig, sae_dir: Path, stats_path: Path, design: StudyDesign) -> str:
+def study_key(
+    cfg: DemoConfig,
+    sae_dir: Path,
+    stats_path: Path,
+    design: StudyDesign,
+    readout: ReadoutSpec | None = None,
+) -> str:
     """What gives the logged samples their meaning beyond their own keys.
 
     Each sample is already keyed by problem id and the exact spec JSON (feature, strength,
     mode), and the sweep refuses a folder with other sampling settings; what those keys
     cannot see is *which SAE* "feature 123" belongs to. So only the SAE, its statistics and
     the names fingerprint the folder: changing the number of prompts or features keeps every
-    sample that still applies (the problem subset is a prefix of one seeded shuffle).
+    sample that still applies (the problem subset is a prefix of one seeded shuffle). The
+    readout's watch list is in too: samples read with another list (or none) cannot fill the
+    readout table, and the sweep's ``config.json`` would refuse them anyway.
     """
-    return json_digest(
-        {
-            "sae": file_digest(sae_dir / SAELENS_WEIGHTS),
-            "stats": file_digest(stats_path),
-            "sae_name": design.sae_name,
-            "dataset": cfg.dataset,
-        }
-    )
+    key: dict[str, Any] = {
+        "sae": file_digest(sae_dir / SAELENS_WEIGHTS),
+        "stats": file_digest(stats_path),
+        "sae_name": design.sae_name,
+        "dataset": cfg.dataset,
+    }
+    if readout is not None:  # absent without one: studies run before readout stay cached
+        key["readout"] = readout.model_dump(mode="json")
+    return json_digest(key)
+
+
+def study_readout(cfg: DemoConfig, base_url: str, table: dict[str, Any]) -> ReadoutSpec | None:
+    """The top ``watch_top`` ReasonScore features, read by every study request, when the
+    server can read them (its ``GET /v1/saes``); None, with a note, when it cannot."""
+    if not cfg.watch_top:
+        return None
+    from benchmarks.client import fetch_sae_list, make_client
+    from benchmarks.readout import check_readout, readout_request
+
+    async def listing() -> tuple[Any, list[str]]:
+        client = make_client(base_url, timeout_s=60)
+        notes: list[str] = []
+        try:
+            return await fetch_sae_list(client, notice=notes.append), notes
+        finally:
+            await client.close()
+
+    found, notes = asyncio.run(listing())
+    limits = found.limits.readout if found is not None else None
+    cap = limits.max_watch if limits is not None and limits.enabled else cfg.watch_top
+    watch = [int(r["feature"]) for r in table["features"][: min(cfg.watch_top, cap)]]
+    try:
+        readout = readout_request(cfg.sae_name, watch)
+        check_readout(readout, found, notes[0] if notes else "")
+    except UsageError as e:
+        say(f"note: the study reads no features ({e}); start the server with --readout")
+        return None
+    return readout
 
 
 @dataclass
@@ -123,6 +164,7 @@ def step_study(
         say(f"note: {n}")
     design = make_design(cfg.sae_name, top, rand, cfg.strengths, mode)
     specs = design.specs()
+    readout = study_readout(cfg, base_url, table)
     loaded = load_problems(cfg.dataset)
     for w in loaded.warnings():
         say(f"warning: {w}")
@@ -130,7 +172,7 @@ def step_study(
     if len(problems) < cfg.n_prompts:
         say(f"warning: {cfg.dataset} has only {len(problems)} usable problems")
     study_dir = root / "study"
-    key = study_key(cfg, sae_dir, stats_path, design)
+    key = study_key(cfg, sae_dir, stats_path, design, readout)
     if state.key("study") != key and study_dir.exists():
         say("the SAE, statistics or study settings changed: starting the study afresh")
         shutil.rmtree(study_dir)
@@ -139,6 +181,7 @@ def step_study(
         f"{len(problems) * len(specs)} requests (top features {top}, random {rand}, "
         f"strengths {cfg.strengths}, {mode}); max_tokens={cfg.max_tokens}, "
         f"temperature={cfg.temperature:g}"
+        + (f"; every request reads features {readout.saes[0].features}" if readout else "")
     )
     fresh = not state.done("study", key)
     if fresh:
@@ -158,6 +201,7 @@ def step_study(
         seed=None,
         concurrency=cfg.concurrency,
         resume=True,
+        readout=readout,
     )
     if res.spec_errors:
         msgs = "; ".join(f"{n}: {m}" for n, m in list(res.spec_errors.items())[:3])

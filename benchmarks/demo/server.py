@@ -84,6 +84,7 @@ def serve_command(cfg: DemoConfig, sae_dir: Path, model: Path, port: int) -> lis
         cfg.host,
         "--port",
         str(port),
+        *(["--readout"] if cfg.watch_top else []),
         *cfg.vllm_args,
     ]
 
@@ -151,6 +152,7 @@ def step_server(
             "model": str(model_path),
             "name": cfg.sae_name,
             "args": cfg.vllm_args,
+            **({"readout": True} if cfg.watch_top else {}),
         }
     )
     rec = reusable(root, key)

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.metrics import CI, paired_bootstrap
+from benchmarks.metrics import CI, Estimate, bootstrap_mean, paired_bootstrap
 from benchmarks.results import SampleRecord
 from benchmarks.sweep import BASELINE, SpecMap, grid_name
 from sae_steer_vllm.errors import SaeSteerError
@@ -113,14 +113,6 @@ METRIC_LABELS = {
 }
 
 
-@dataclass(frozen=True)
-class Estimate:
-    mean: float
-    lo: float
-    hi: float
-    n: int
-
-
 @dataclass
 class GroupResult:
     """One (group, strength) pooled over its features, or the baseline (group 'baseline')."""
@@ -158,18 +150,6 @@ def _per_problem(recs: Sequence[SampleRecord]) -> dict[str, dict[str, float]]:
             "accuracy": 100.0 * float(np.mean([r.correct for r in rs])),
         }
     return out
-
-
-def bootstrap_mean(values: Sequence[float], *, n_boot: int = 2000, seed: int = 0) -> Estimate:
-    """Mean over problems with a 95% percentile-bootstrap interval."""
-    x = np.asarray(values, dtype=float)
-    if x.size == 0:
-        nan = float("nan")
-        return Estimate(nan, nan, nan, 0)
-    rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1)
-    lo, hi = np.quantile(means, [0.025, 0.975])
-    return Estimate(float(x.mean()), float(lo), float(hi), int(x.size))
 
 
 def _group_result(

@@ -24,6 +24,7 @@ from benchmarks.demo.study import (
     StudyDesign,
 )
 from benchmarks.metrics import CI
+from benchmarks.readout import READOUT_NOTE, readout_markdown, readout_table
 from benchmarks.results import SampleRecord
 from benchmarks.sweep import BASELINE
 from sae_steer_vllm.files import atomic_write
@@ -159,6 +160,40 @@ def side_by_side(
     return arm.name, pid, base[pid], steered[pid]
 
 
+def readout_section(design: StudyDesign, records: Sequence[SampleRecord]) -> list[str]:
+    """How each arm moved the watched top features during generation (runs whose server read
+    them; nothing otherwise): the table, and per top feature at the middle strength which
+    of the *other* watched features moved."""
+    rows = readout_table(records)
+    if not rows:
+        return []
+    L = [
+        "",
+        "### How steering one feature moves the others (readout)",
+        "",
+        f"Every request also read the top {len({r.feature for r in rows})} ReasonScore "
+        "features of the SAE at each generated token. "
+        + READOUT_NOTE.format(baseline=BASELINE).replace(f"`{BASELINE}`", "no steering"),
+        "",
+    ]
+    mid = design.strengths[len(design.strengths) // 2]
+    for a in design.arms:
+        if a.strength != mid:
+            continue
+        others = [r for r in rows if r.spec_name == a.name and r.feature != a.feature]
+        moved = ", ".join(
+            f"{r.feature}: {_ci(r.mean_vs_baseline, 3)} ({_verdict(r.mean_vs_baseline)})"
+            for r in others
+        )
+        if moved:
+            L.append(
+                f"- {a.group} feature {a.feature} at strength {a.strength:g}: mean activation "
+                f"of the other watched features vs no steering: {moved}"
+            )
+    L += ["", readout_markdown(rows, dataset_column=False)]
+    return L
+
+
 def _pre(text: str, max_chars: int) -> str:
     t = text if len(text) <= max_chars else text[:max_chars] + " […]"
     return f"<pre>{html.escape(t)}</pre>"
@@ -275,6 +310,7 @@ def write_study_report(
             f"{_verdict(top.vs_baseline.get('accuracy'))}, random "
             f"{_verdict(rnd.vs_baseline.get('accuracy'))}."
         )
+    L += readout_section(design, records)
     L += [
         "",
         f"Caveats, stated plainly: `{ctx.model}` is a 135M-parameter chat model, not a "

@@ -9,6 +9,7 @@ steering makes the trace longer (more "Wait") and, above strength 3, wrong. A
 spec naming an unknown SAE or a feature >= ``d_sae`` gets HTTP 400 like the
 real plugin; a problem containing ``NOBOX`` gets an answer without a box;
 ``fail_first[problem_prefix] = k`` answers 503 to the first k requests of it.
+A spec with a readout gets ``FakeModel.readout`` as ``sae_readout`` (400 when it is None).
 """
 
 from __future__ import annotations
@@ -75,6 +76,9 @@ class FakeModel:
     delay_s: float = 0.0
     wrong_above: float = 3.0
     refuse_seed: bool = False  # like our middleware on the CPU backend
+    readout: dict[str, Any] | None = None
+    """``sae_readout`` payload answered to a request whose spec asks for a readout (of
+    ``sae``; any other SAE gets a 400); None: a server started without readout support."""
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -110,6 +114,16 @@ class FakeModel:
                         400, f"steering: feature {iv.feature} out of range (d_sae={self.d_sae})"
                     )
                 strength = max(strength, iv.strength or 0.0)
+        if spec is not None and spec.readout is not None:
+            if self.readout is None:
+                return 400, error_body(
+                    400, "steering: readout: this server was started without readout support"
+                )
+            for k, r in enumerate(spec.readout.saes):
+                if r.sae != self.sae:
+                    return 400, error_body(
+                        400, f"steering: readout.saes.{k}: unknown SAE {r.sae!r}"
+                    )
         # "P3: what is 3 + 4?" -> 7
         nums = [int(t.strip("?")) for t in user[start:].split() if t.strip("?").isdigit()]
         answer = sum(nums[-2:])
@@ -122,7 +136,9 @@ class FakeModel:
         n_tok = len(text.split())
         if self.delay_s:
             time.sleep(self.delay_s)
+        extra = {} if spec is None or spec.readout is None else {"sae_readout": self.readout}
         return 200, {
+            **extra,
             "id": "chatcmpl-fake",
             "object": "chat.completion",
             "created": int(time.time()),
@@ -158,6 +174,8 @@ class FakeServer:
         self.requests: list[dict[str, Any]] = []
         self.routes: dict[str, Callable[[dict[str, Any]], Reply]] = {}
         """More POST routes by path (e.g. ``/tokenize``), each answering a JSON body."""
+        self.listing: dict[str, Any] | None = None
+        """``GET /v1/saes`` answers this (an sae-steer listing) when set; None: 404 (stock vLLM)."""
         self.in_flight = 0
         self.token_delay_s = 0.0
         self.max_in_flight = 0
@@ -184,6 +202,8 @@ class FakeServer:
                         200,
                         {"object": "list", "data": [{"id": outer.model_name, "object": "model"}]},
                     )
+                elif self.path.rstrip("/") == "/v1/saes" and outer.listing is not None:
+                    self._send(200, outer.listing)
                 else:
                     self._send(404, error_body(404, "not found"))
 
@@ -237,12 +257,18 @@ class FakeServer:
                         time.sleep(outer.token_delay_s)
                 usage = {"prompt_tokens": 5, "completion_tokens": len(words), "total_tokens": 5}
                 last = {**base, "choices": [], "usage": usage}
-                self.wfile.write(f"data: {json.dumps(last)}\n\ndata: [DONE]\n\n".encode())
+                self.wfile.write(f"data: {json.dumps(last)}\n\n".encode())
+                if "sae_readout" in payload:  # one final chunk right before [DONE], as served
+                    tail = {**base, "choices": [], "sae_readout": payload["sae_readout"]}
+                    self.wfile.write(f"data: {json.dumps(tail)}\n\n".encode())
+                self.wfile.write(b"data: [DONE]\n\n")
                 self.wfile.flush()
 
         self.port = free_port()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         self.httpd.daemon_threads = True
+        # bursts of 64 connections; the default backlog of 5 drops some
+        self.httpd.socket.listen(128)
         self.httpd.handle_error = lambda request, client_address: None  # type: ignore[method-assign]
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
