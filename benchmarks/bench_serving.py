@@ -6,7 +6,12 @@ latency, when a given fraction of the requests in flight carry steering specs
 first token is measured too; ``ignore_eos`` (a vLLM extension, sent through
 ``extra_body``) makes every request generate exactly ``max_tokens`` so runs
 are comparable. :func:`measure_throughput` is the library entry point the
-plugin's own benchmark reuses.
+plugin's own benchmarks (``plugin_speed``, ``readout_speed``) reuse.
+
+A spec may steer, read (``SteeringSpec.readout``: the stream then ends with one chunk
+carrying ``sae_readout``) or both; the "steered" arm is every request whose spec asks for
+either, and a no-op spec (``SteeringSpec()``) counts with the plain requests, since the
+server runs it as if it had none.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from benchmarks.options import CommaList, EndpointOptions, command_parser
 from sae_steer_vllm.command import CommandConfig, add_model_options, model_from_args, run_command
 from sae_steer_vllm.errors import UsageError
 from sae_steer_vllm.files import atomic_write_json
+from sae_steer_vllm.readout_api import RESPONSE_KEY
 from sae_steer_vllm.spec import FeatureIntervention, Mode, SteeringSpec
 
 PROG = "sae-steer bench"
@@ -71,7 +77,8 @@ class LatencyStats(BaseModel):
 
 
 class GroupStats(BaseModel):
-    """Per-arm numbers (steered / unsteered) within the same run."""
+    """Per-arm numbers (steered / unsteered) within the same run; "steered": the spec steers
+    or reads, see :func:`asks_server`."""
 
     n_ok: int
     output_tokens: int
@@ -87,7 +94,15 @@ class ThroughputResult(BaseModel):
     concurrency: int
     max_tokens: int
     steered_fraction: float
+    """Share of requests whose spec steers or reads (:func:`asks_server`)."""
     distinct_specs: int
+    """Distinct steering configurations (cache salts) among the steering requests; a readout
+    alone adds none (it changes no value the server caches)."""
+    read_fraction: float = 0.0
+    """Share of requests that ask for a readout."""
+    readouts_received: int = 0
+    """Successful readout requests whose stream carried ``sae_readout`` (a server that
+    ignored the readout would leave this below the number of readout requests)."""
     wall_s: float
     output_tokens: int
     output_tokens_per_s: float
@@ -102,6 +117,8 @@ class ThroughputResult(BaseModel):
 
 class _One(BaseModel):
     steered: bool
+    read: bool = False
+    got_readout: bool = False
     ok: bool
     latency_s: float = 0.0
     ttft_s: float | None = None
@@ -133,6 +150,16 @@ def _group(results: Sequence[_One]) -> GroupStats:
     )
 
 
+def asks_server(spec: SteeringSpec | None) -> bool:
+    """Whether a request's spec asks the server for anything (steering, readout or both)."""
+    return spec is not None and not spec.is_noop
+
+
+def reads(spec: SteeringSpec | None) -> bool:
+    """Whether a request asks for a readout."""
+    return spec is not None and spec.readout is not None
+
+
 async def _one_request(
     client: Any,
     model: str,
@@ -146,6 +173,8 @@ async def _one_request(
     ttft = None
     n_chunks = 0
     usage_tokens: int | None = None
+    got_readout = False
+    steered, read = asks_server(spec), reads(spec)
     try:
         stream = await client.chat.completions.create(
             model=model,
@@ -163,12 +192,16 @@ async def _one_request(
                 n_chunks += 1
             if getattr(chunk, "usage", None) is not None and chunk.usage.completion_tokens:
                 usage_tokens = int(chunk.usage.completion_tokens)
+            if (chunk.model_extra or {}).get(RESPONSE_KEY) is not None:
+                got_readout = True
     except openai.APIStatusError as e:
-        return _One(steered=spec is not None, ok=False, error=status_message(e))
+        return _One(steered=steered, read=read, ok=False, error=status_message(e))
     except openai.APIConnectionError as e:
-        return _One(steered=spec is not None, ok=False, error=f"{type(e).__name__}: {e}")
+        return _One(steered=steered, read=read, ok=False, error=f"{type(e).__name__}: {e}")
     return _One(
-        steered=spec is not None,
+        steered=steered,
+        read=read,
+        got_readout=got_readout,
         ok=True,
         latency_s=time.perf_counter() - t0,
         ttft_s=ttft,
@@ -219,8 +252,8 @@ async def measure_throughput(
 
     ok = [r for r in results if r.ok]
     tokens = sum(r.output_tokens for r in ok)
-    distinct = len({s.cache_salt() for s in specs if s is not None})
-    n_steered = sum(1 for s in specs if s is not None)
+    distinct = len({s.cache_salt() for s in specs if s is not None and s.steers})
+    n_steered = sum(1 for s in specs if asks_server(s))
     return ThroughputResult(
         n_requests=len(specs),
         n_ok=len(ok),
@@ -229,6 +262,8 @@ async def measure_throughput(
         max_tokens=max_tokens,
         steered_fraction=n_steered / len(specs),
         distinct_specs=distinct,
+        read_fraction=sum(1 for s in specs if reads(s)) / len(specs),
+        readouts_received=sum(1 for r in ok if r.read and r.got_readout),
         wall_s=wall,
         output_tokens=tokens,
         output_tokens_per_s=tokens / wall if wall > 0 else 0.0,
@@ -248,7 +283,8 @@ def request_mix(
     *,
     seed: int = 0,
 ) -> list[SteeringSpec | None]:
-    """``round(fraction x n)`` steered requests cycling through ``distinct``, shuffled in.
+    """``round(fraction x n)`` requests cycling through ``distinct``, shuffled in among
+    ``None`` (plain) requests. The specs may steer, read (``SteeringSpec.readout``) or both.
 
     The seeded shuffle interleaves steered and unsteered requests so every
     batch the server forms is mixed, which is the case worth measuring.
@@ -294,6 +330,11 @@ def _fmt(r: ThroughputResult) -> str:
         f"latency  {lat(r.latency_s)}",
         f"ttft     {lat(r.ttft_s)}",
     ]
+    if r.read_fraction:
+        lines.append(
+            f"readout  {100 * r.read_fraction:.0f}% of requests asked, "
+            f"{r.readouts_received} received sae_readout"
+        )
     for name, g in (("steered", r.steered), ("unsteered", r.unsteered)):
         if g.n_ok:
             rate = g.decode_tokens_per_s_per_request

@@ -6,9 +6,9 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from helpers.fake_endpoint import FakeServer
+from helpers.fake_endpoint import FakeModel, FakeServer
 
-from benchmarks.bench_serving import feature_specs, main, measure_throughput, request_mix
+from benchmarks.bench_serving import _fmt, feature_specs, main, measure_throughput, request_mix
 from benchmarks.server_process import free_port
 
 
@@ -66,3 +66,39 @@ def test_bench_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         main(["--base-url", f"http://127.0.0.1:{free_port()}/v1", "--steered-fraction", "0"]) == 3
     )
     assert "cannot reach" in capsys.readouterr().err
+
+
+def test_measure_throughput_counts_readouts_and_noop_specs() -> None:
+    from benchmarks.readout_speed import readout_and_steering, readout_spec
+    from sae_steer_vllm.spec import SteeringSpec
+
+    read, both = readout_spec("fake-sae"), readout_and_steering("fake-sae")
+    steer = feature_specs("fake-sae", [1], 1, 2.0, "add")[0]
+    mix = [read, both, steer, SteeringSpec(), None, read]
+    readout = {
+        "object": "sae_readout",
+        "positions": "generated",
+        "prompt_tokens": 5,
+        "saes": {
+            "fake-sae": {"layer": 3, "positions": [], "token_ids": [], "tokens": [], "top_k": []}
+        },
+    }
+    with FakeServer(FakeModel(readout=readout)) as srv:
+        res = asyncio.run(
+            measure_throughput(
+                srv.base_url,
+                "fake-model",
+                prompts=["P1: 1 + 2?"],
+                specs=mix,
+                concurrency=3,
+                max_tokens=4,
+            )
+        )
+    assert res.n_ok == 6 and res.output_tokens == 24
+    assert res.read_fraction == pytest.approx(3 / 6) and res.readouts_received == 3
+    # the no-op spec asks for nothing: it counts with the plain request
+    assert res.steered.n_ok == 4 and res.unsteered.n_ok == 2
+    assert res.steered_fraction == pytest.approx(4 / 6)
+    # steering configurations: the 4 clamps and the add; a readout alone adds none
+    assert res.distinct_specs == 2
+    assert "readout  50% of requests asked, 3 received sae_readout" in _fmt(res)
