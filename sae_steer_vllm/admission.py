@@ -31,6 +31,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import TypeAdapter, ValidationError
+
 from .errors import UsageError
 from .readout_wire import INTERNAL_KEYS, READOUT_ID_KEY, READOUT_TO_KEY
 from .spec import (
@@ -234,14 +236,14 @@ def prepare_readout(
         routes = " and ".join(f"{m} {p}" for m, p in sorted(READOUT_ROUTES))
         raise AdmissionError(f"{method} {path} cannot return a readout; use {routes}", param=where)
     for key in ("n", "best_of"):
-        value = data.get(key)
+        value = _as_vllm_reads(data.get(key), int)  # vLLM reads "2" and 2.0 as 2
         if isinstance(value, int) and value > 1:
             raise AdmissionError(
                 f"readout reads one sequence per request; '{key}': {value} is not supported "
                 "(send separate requests)",
                 param=key,
             )
-    if data.get("use_beam_search"):
+    if _as_vllm_reads(data.get("use_beam_search"), bool) is True:
         raise AdmissionError("readout does not support beam search", param="use_beam_search")
     prompt = data.get("prompt")
     if isinstance(prompt, list) and len(prompt) > 1 and not all(isinstance(t, int) for t in prompt):
@@ -249,7 +251,7 @@ def prepare_readout(
             "readout reads one prompt per request; send the prompts separately",
             param="prompt",
         )
-    if data.get("include_reasoning") is False:
+    if _as_vllm_reads(data.get("include_reasoning"), bool) is False:
         raise AdmissionError(
             "readout reports every generated token, so it cannot hide reasoning: drop "
             "'include_reasoning': false",
@@ -264,6 +266,17 @@ def prepare_readout(
     if spec.readout.reads_prompt:  # cached positions were never computed for this request
         data["cache_salt"] = f"readout-{readout_id}"
     return readout_id
+
+
+def _as_vllm_reads(value: Any, kind: type) -> Any:
+    """``value`` as vLLM's pydantic request models read it (lax mode: ``"2"`` -> 2,
+    ``"false"``/``0`` -> False); None when absent or when vLLM would refuse it itself."""
+    if value is None:
+        return None
+    try:
+        return TypeAdapter(kind).validate_python(value)
+    except ValidationError:
+        return None
 
 
 def admit(

@@ -31,11 +31,11 @@ READOUT_TO_KEY = "steering_readout_to"
 """``vllm_xargs`` key: the ZMQ address of the API server process that collects it."""
 INTERNAL_KEYS = (READOUT_ID_KEY, READOUT_TO_KEY)
 
-ADDRESS_RE = re.compile(r"^ipc://[A-Za-z0-9_./-]{1,200}/sae-steer-readout-[0-9a-f]{8,64}\.sock$")
+ADDRESS_RE = re.compile(r"^ipc://[A-Za-z0-9_./-]{1,200}/sae-steer-readout-[0-9a-f]{8,64}\.sock\Z")
 """What a worker accepts as an address: only sockets named by
 :func:`sae_steer_vllm.readout_server.socket_address` (defence in depth: the middleware
 already overwrites these keys)."""
-ID_RE = re.compile(r"^[0-9a-f]{32}$")
+ID_RE = re.compile(r"^[0-9a-f]{32}\Z")
 
 _VERSION = 1
 _I64, _I32, _F32 = np.dtype("<i8"), np.dtype("<i4"), np.dtype("<f4")
@@ -88,7 +88,7 @@ def decode(frames: list[bytes]) -> list[ReadoutBlock]:
         raise WireError("empty message")
     try:
         header = json.loads(frames[0])
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise WireError(f"bad header: {e}") from None
     if not isinstance(header, dict) or header.get("v") != _VERSION:
         raise WireError("unknown header version")
@@ -100,7 +100,7 @@ def decode(frames: list[bytes]) -> list[ReadoutBlock]:
         try:
             rid, sae = str(h["id"]), str(h["sae"])
             m, k, w = int(h["m"]), int(h["k"]), int(h["w"])
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):  # e.g. "m": Infinity
             raise WireError(f"block {i}: bad header entry") from None
         if min(m, k, w) < 0:
             raise WireError(f"block {i}: negative size")
