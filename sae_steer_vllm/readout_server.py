@@ -152,12 +152,14 @@ class ReadoutReceiver:
             frames = await self._sock.recv_multipart()
             try:
                 blocks = decode(list(frames))
+                for b in blocks:
+                    self.store.add(b)
             except WireError as e:
                 self.bad_messages += 1
                 logger.error("sae-steer: malformed readout message dropped: %s", e)
-                continue
-            for b in blocks:
-                self.store.add(b)
+            except Exception:  # noqa: BLE001 - one bad message must not end the receiving
+                self.bad_messages += 1
+                logger.exception("sae-steer: readout message dropped")
 
 
 def _unlink(path: Path) -> None:

@@ -18,6 +18,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 from helpers.steering import reference_prompt_logprobs
 
@@ -152,7 +153,7 @@ def main() -> None:
         tensor_parallel_size=args.tp,
         hf_overrides={"architectures": ["Steered" + arch]},
         logits_processors=["sae_steer_vllm.batch_tracker:SteeringBatchTracker"],
-        additional_config={"sae_steer": {"saes": {"test": args.sae}}},
+        additional_config={"sae_steer": {"saes": {"test": args.sae}, "readout": True}},
         max_model_len=1024,
         seed=0,
         disable_log_stats=False,
@@ -284,8 +285,57 @@ def main() -> None:
         if "preemption" in m.name and hasattr(m, "value")
     )
     phase("prefix_cache")
+    report["readout"] = readout_check(llm, iso_specs[0], params)
+    phase("readout")
     report["phases_s"] = phases
     Path(args.out).write_text(json.dumps(report, indent=1))
+
+
+def readout_check(llm: Any, steer: SteeringSpec, params: Any) -> dict:
+    """One steered request that reads every position, collected on a socket of our own (the
+    API server's part): each position must arrive exactly once, so with tensor parallelism
+    only one rank reported."""
+    import uuid
+
+    import zmq
+
+    from sae_steer_vllm.readout_server import socket_address
+    from sae_steer_vllm.readout_wire import READOUT_ID_KEY, READOUT_TO_KEY, decode
+
+    address, _ = socket_address()
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    pull.setsockopt(zmq.LINGER, 0)
+    pull.bind(address)
+    rid = uuid.uuid4().hex
+    readout = {"saes": [{"sae": "test", "top_k": 5, "features": [3]}]}
+    spec = SteeringSpec.from_obj({**json.loads(steer.to_json()), "readout": readout})
+    sp = params(None, max_tokens=8)
+    sp.extra_args = {"steering": spec.to_json(), READOUT_ID_KEY: rid, READOUT_TO_KEY: address}
+    out = llm.generate([{"prompt": PROMPTS[0], "cache_salt": f"readout-{rid}"}], [sp])[0]
+    n_read = len(out.prompt_token_ids) + len(out.outputs[0].token_ids) - 1
+    counts: dict[int, int] = {}
+    rows: dict[int, list] = {}
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        if not pull.poll(300):
+            if len(rows) >= n_read:
+                break  # and nothing more arrived for 0.3 s: no second rank is sending
+            continue
+        for b in decode(pull.recv_multipart()):
+            assert b.readout_id == rid
+            for i, p in enumerate(b.positions.tolist()):
+                counts[p] = counts.get(p, 0) + 1
+                rows.setdefault(
+                    p, [b.top_ids[i].tolist(), b.top_vals[i].tolist(), b.watched[i].tolist()]
+                )
+    pull.close()
+    ctx.term()
+    return {
+        "complete": sorted(rows) == list(range(n_read)),
+        "repeated": sum(c - 1 for c in counts.values()),
+        "rows": [rows[p] for p in sorted(rows)],
+    }
 
 
 if __name__ == "__main__":

@@ -76,6 +76,9 @@ def _assert_report(r: dict, *, reference: bool = True) -> None:
     assert iso["steered_changed"] >= iso["steered_total"] - 2, "steering had no visible effect"
     assert r["prefix_cache_clean"], "steered request reused unsteered KV blocks"
     assert r["unsalted_contaminated"], "control failed: unsalted reuse should differ"
+    ro = r["readout"]
+    assert ro["complete"], "the readout missed positions"
+    assert ro["repeated"] == 0, "a position was reported twice (more than one TP rank reads?)"
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +115,12 @@ def test_qwen2_compiled_tp1_and_tp2_agree(qwen2: tuple[Path, Path, Path]) -> Non
     two = _run(root, "qwen2_tp2", model, sae, "--tp", "2", env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"})
     _assert_report(two)
     assert one["outputs_mixed"] == two["outputs_mixed"], "TP=2 outputs differ from TP=1"
+    for (ids1, v1, w1), (ids2, v2, w2) in zip(
+        one["readout"]["rows"], two["readout"]["rows"], strict=True
+    ):
+        assert ids1 == ids2, "TP=2 readout names other features than TP=1"
+        for a, b in zip([*v1, *w1], [*v2, *w2], strict=True):
+            assert abs(a - b) <= TOL * max(1.0, abs(a)), "TP=2 readout values differ from TP=1"
 
 
 def test_model_runner_v2_compiled_tp2_and_preemption(qwen2: tuple[Path, Path, Path]) -> None:
