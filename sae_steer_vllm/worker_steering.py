@@ -117,6 +117,9 @@ class WorkerSteering:
             raise PluginConfigError(f"SAE {name!r}: {e}") from None
         self.catalog.add(info, rows)
         self._plans.clear()  # a cached plan may name an SAE that has just changed meaning
+        ro = self.readout
+        if ro is not None and info.cfg.hook_layer in ro.captures and ro.is_reporting():
+            ro.encoder(name)  # its encoder now, not in the step of the first request reading it
         logger.info("sae-steer: registered SAE %r (layer %d) at runtime", name, info.cfg.hook_layer)
 
     def unregister_sae(self, name: str) -> bool:
