@@ -12,6 +12,7 @@ import re
 from collections.abc import Iterator
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers.chromium import chromium_or_skip, dump_dom, orange_pixels, screenshot_pixels
@@ -294,3 +295,30 @@ def test_bad_input_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert main([*base, *html_opts]) == EXIT_USAGE  # no index.html: not a dashboard
     assert "not a folder written by sae-steer dashboard" in capsys.readouterr().err
     assert build_spec(InspectConfig(sae=SAE, prompt="x")).readout is not None
+
+
+@pytest.mark.server
+def test_inspect_against_the_real_server(
+    steer_server: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``sae-steer inspect`` against the suite's server (started with --readout): the terminal
+    table lists every read position, the HTML page is written, and the readout it parsed is
+    the server's own (a steered request whose clamp shows at the clamped layer's SAE)."""
+    html = tmp_path / "view.html"
+    argv = ["--base-url", steer_server.base_url, "--sae", steer_server.sae_name]
+    argv += ["--watch", "3,5", "--max-tokens", "6", "--html", str(html), "--no-color"]
+    assert main([*argv, "The sea is"]) == 0
+    out = capsys.readouterr().out
+    ro = inspect_once(
+        steer_server.base_url,
+        None,
+        InspectConfig(sae=steer_server.sae_name, prompt="The sea is", watch=[3, 5], max_tokens=6),
+    )
+    res = ro.saes[steer_server.sae_name]
+    assert res.positions == list(range(len(res.positions))) and not res.missing_positions
+    assert len(res.positions) == ro.prompt_tokens + 5  # 6 generated, the last never read
+    for p, tok in zip(res.positions, res.tokens, strict=True):
+        assert re.search(rf"^\s*{p}\s+[pg]\s+{re.escape(repr(tok))}", out, re.M), (p, tok)
+    assert "f3" in out and "f5" in out
+    page = html.read_text()
+    assert "<html" in page.lower() and html.stat().st_size > 1000

@@ -27,6 +27,8 @@ on the first token (the attention sink, a huge residual norm) reach the thousand
 
 def _close(a: float, b: float) -> bool:
     return abs(a - b) <= TOL * max(1.0, abs(b))
+
+
 WATCH = [3, 5, 7]
 
 
@@ -309,3 +311,37 @@ def test_readout_client_leaving_mid_stream_leaves_nothing(server: Any) -> None:
     before = _stats(server)["stale_blocks"]
     time.sleep(3)
     assert _stats(server)["stale_blocks"] == before, "the worker kept reading for a gone client"
+
+
+def test_readme_readout_snippet_runs(steer_server: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's readout snippet, run verbatim except for the URL and SAE name: the stock
+    ``openai`` client exposes ``sae_readout`` in ``model_extra``, ``readout_from_response``
+    parses it (prompt and generated positions, the last generated token unread), and the
+    streamed request's final chunk carries the same readout."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    m = re.search(r"<!-- snippet:readout -->\s*```python\n(.*?)```", readme, re.S)
+    assert m, "README lost its readout snippet"
+    code = m.group(1).replace("http://127.0.0.1:8000/v1", steer_server.base_url)
+    code = code.replace('"smol"', repr(steer_server.sae_name))
+    ns: dict[str, Any] = {}
+    exec(compile(code, "README-readout-snippet", "exec"), ns)
+    resp, raw, readout = ns["resp"], ns["raw"], ns["readout"]
+    assert isinstance(raw, dict) and isinstance(readout, SAEReadoutResponse)
+    assert SAEReadoutResponse.model_validate(raw) == readout
+    assert readout.prompt_tokens == resp.usage.prompt_tokens
+    res = readout.saes[steer_server.sae_name]
+    n_gen = resp.usage.completion_tokens
+    assert n_gen >= 2 and res.positions == list(range(readout.prompt_tokens + n_gen - 1))
+    assert not res.missing_positions and res.features == [123, 456]
+    assert all(0 < len(row) <= 3 for row in res.top_k)
+    assert set(res.summary) == {"123", "456"} and res.summary["123"].tokens == n_gen - 1
+    out = capsys.readouterr().out.splitlines()
+    printed = [ln for ln in out if re.match(r"\d+ ['\"]", ln)]  # pos repr(token) top
+    assert [int(ln.split()[0]) for ln in printed] == res.positions[readout.prompt_tokens :]
+    assert any(ln.startswith("summary: {'123': (") for ln in out)
+    streamed = ns["last"].saes[steer_server.sae_name]
+    assert out[-1] == f"streamed readout: {len(res.positions)} positions"
+    assert streamed.positions == res.positions and streamed.token_ids == res.token_ids
