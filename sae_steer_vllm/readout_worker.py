@@ -29,7 +29,7 @@ from .sae import SAE, load_sae
 
 if TYPE_CHECKING:
     from .readout_capture import ReadoutCapture
-    from .spec import ReadoutSpec
+    from .spec import ReadoutSpec, SAEReadout
     from .steering_plan import SAECatalog
 
 logger = logging.getLogger("sae_steer_vllm")
@@ -158,54 +158,71 @@ class WorkerReadout:
             return
         any_cap = next(iter(self.captures.values()))
         pos = any_cap.pos[:n].cpu().numpy()
-        blocks: dict[str, list[ReadoutBlock]] = {}
+        # per SAE, every reading request's rows at once: one matmul per SAE and step, not one
+        # per request (a GEMV per request would read the whole encoder each time)
+        by_sae: dict[str, list[tuple[ReadTarget, SAEReadout, np.ndarray]]] = {}
         for slot, tgt in list(self.targets.items()):
             rows = np.flatnonzero(tok == slot)
             if tgt.spec.positions == "generated":
                 rows = rows[pos[rows] >= tgt.prompt_len]
             elif tgt.spec.positions == "prompt":
                 rows = rows[pos[rows] < tgt.prompt_len]
-            if rows.size == 0:
-                continue
-            for r in tgt.spec.saes:
-                block = self._read(r.sae, r.top_k, r.features, rows, pos, tgt.readout_id)
+            if rows.size:
+                for r in tgt.spec.saes:
+                    by_sae.setdefault(r.sae, []).append((tgt, r, rows))
+        blocks: dict[str, list[ReadoutBlock]] = {}
+        for name, groups in by_sae.items():
+            for group, block in zip(groups, self._read(name, groups, pos), strict=True):
                 if block is not None:
-                    blocks.setdefault(tgt.address, []).append(block)
+                    blocks.setdefault(group[0].address, []).append(block)
         for address, bl in blocks.items():
             self._send(address, bl)
 
     def _read(
         self,
         name: str,
-        top_k: int,
-        watch: list[int],
-        rows: np.ndarray,
+        groups: list[tuple[ReadTarget, SAEReadout, np.ndarray]],
         pos: np.ndarray,
-        readout_id: str,
-    ) -> ReadoutBlock | None:
+    ) -> list[ReadoutBlock | None]:
+        """One SAE's values for every reading request of this step (one block each)."""
         info = self.catalog.saes.get(name)
         if info is None or info.cfg.hook_layer not in self.captures:
-            return None  # unregistered since admission: the API server reports it missing
+            return [None] * len(groups)  # unregistered since admission: reported missing
         sae = self.encoder(name)
         resid = self.captures[info.cfg.hook_layer].resid
+        rows = np.concatenate([g[2] for g in groups])
         idx = torch.from_numpy(rows).to(resid.device)
-        k = min(top_k, sae.cfg.d_sae)
-        w_idx = torch.tensor(watch, dtype=torch.int64, device=resid.device)
+        kmax = min(max(r.top_k for _, r, _ in groups), sae.cfg.d_sae)
+        union = sorted({f for _, r, _ in groups for f in r.features})
+        col = {f: j for j, f in enumerate(union)}
+        w_idx = torch.tensor(union, dtype=torch.int64, device=resid.device)
         ids, vals, watched = [], [], []
         for lo in range(0, len(rows), ENCODE_ROWS):
             f = sae.encode(resid[idx[lo : lo + ENCODE_ROWS]].to(torch.float32))
-            v, i = torch.topk(f, k, dim=-1) if k else (f[:, :0], f[:, :0].long())
+            v, i = torch.topk(f, kmax, dim=-1) if kmax else (f[:, :0], f[:, :0].long())
             ids.append(i.to(torch.int32).cpu())
             vals.append(v.cpu())
             watched.append(f[:, w_idx].cpu())
-        return ReadoutBlock(
-            readout_id=readout_id,
-            sae=name,
-            positions=pos[rows].astype(np.int64),
-            top_ids=torch.cat(ids).numpy(),
-            top_vals=torch.cat(vals).numpy(),
-            watched=torch.cat(watched).numpy(),
-        )
+        top_ids = torch.cat(ids).numpy()
+        top_vals = torch.cat(vals).numpy()
+        all_watched = torch.cat(watched).numpy()
+        out: list[ReadoutBlock | None] = []
+        lo = 0
+        for tgt, r, g_rows in groups:
+            sl = slice(lo, lo + len(g_rows))
+            lo += len(g_rows)
+            k = min(r.top_k, kmax)  # topk is sorted: a request's top k is the prefix
+            out.append(
+                ReadoutBlock(
+                    readout_id=tgt.readout_id,
+                    sae=name,
+                    positions=pos[g_rows].astype(np.int64),
+                    top_ids=top_ids[sl, :k],
+                    top_vals=top_vals[sl, :k],
+                    watched=all_watched[sl][:, [col[f] for f in r.features]],
+                )
+            )
+        return out
 
     def _send(self, address: str, blocks: list[ReadoutBlock]) -> None:
         import zmq

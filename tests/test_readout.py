@@ -90,12 +90,15 @@ def _check_against(got: SAEReadoutResponse, ref: dict[str, Any], ids: list[int])
 
 
 def test_readout_matches_transformers(server: Any) -> None:
-    """Prompt and generated positions, standard / JumpReLU / TopK, without and with a clamp on
-    the JumpReLU layer (14): there the readout is what the SAE saw before the clamp; layer 18
-    below it shows the clamp's effect, layer 10 above it is untouched (within 1e-4, float32)."""
+    """Prompt and generated positions (the prompt prefilled in two chunks on V2), standard /
+    JumpReLU / TopK, without and with a clamp on the JumpReLU layer (14): there the readout is
+    what the SAE saw before the clamp; layer 18 below it shows the clamp's effect, layer 10
+    above it is untouched (within 1e-4, float32)."""
     from helpers.steering import reference_features
 
-    ids = _ids(server, "The mitochondria is the powerhouse of the cell, and")
+    # 70+ tokens: the V2 server prefills it in two chunks (64-token budget)
+    ids = _ids(server, "The mitochondria is the powerhouse of the cell, and " * 8)
+    assert len(ids) > 64
     saes = {
         server.sae_name: server.sae_path,
         server.jumprelu_sae_name: server.jumprelu_sae_path,
@@ -307,10 +310,15 @@ def test_readout_client_leaving_mid_stream_leaves_nothing(server: Any) -> None:
         time.sleep(0.2)
     stats = _stats(server)
     assert stats["open"] == 0 and stats["bytes"] == 0, stats
-    time.sleep(3)  # any block in flight has arrived by now
-    before = _stats(server)["stale_blocks"]
-    time.sleep(3)
-    assert _stats(server)["stale_blocks"] == before, "the worker kept reading for a gone client"
+    # blocks still arrive until vLLM has aborted the request (it notices the disconnect at
+    # its next write); then they must stop: the worker released the slot
+    last, quiet_since = stats["stale_blocks"], time.time()
+    while time.time() - quiet_since < 3:
+        assert time.time() < deadline + 60, "the worker kept reading for a gone client"
+        time.sleep(0.5)
+        now = _stats(server)["stale_blocks"]
+        if now != last:
+            last, quiet_since = now, time.time()
 
 
 def test_readme_readout_snippet_runs(steer_server: Any, capsys: pytest.CaptureFixture[str]) -> None:
