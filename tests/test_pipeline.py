@@ -251,8 +251,11 @@ def test_demo_pipeline_tiny_end_to_end(
             "steering had no effect"
         )
 
+        # the study read the top features through the server's readout (issue 14)
+        assert all(r["readout"] for r in recs), "a study sample lacks the watched features"
         report = out / "study" / "report.md"
         text = report.read_text()
+        assert "How steering one feature moves the others" in text
         assert "## Results" in text and "One completion, unsteered and steered" in text
         imgs = [ln.split("](", 1)[1].rstrip(")") for ln in text.splitlines() if ln.startswith("![")]
         assert len(imgs) >= 2

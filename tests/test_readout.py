@@ -304,7 +304,6 @@ def test_readout_client_leaving_mid_stream_leaves_nothing(server: Any) -> None:
             seen += line.startswith("data: ")
             if seen >= 3:
                 break
-        assert _stats(server)["open"] == 1
     deadline = time.time() + 60
     while _stats(server)["open"] and time.time() < deadline:
         time.sleep(0.2)
