@@ -19,6 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from sae_steer_vllm.constants import DASHBOARD_FEATURE_PAGE, DASHBOARD_INDEX
 from sae_steer_vllm.files import atomic_write
 from sae_steer_vllm.sae import SAEFormatError, SAERows
 from sae_training.features.dashboard_html import feature_page, index_page, token_text
@@ -72,5 +73,5 @@ def build_dashboard(
         lens = logit_lens(dec, W_U, norm_w)
         lens_top[f] = [token_text(tokenizer, tid).strip() or "␣" for tid, _ in lens[0][:5]]
         page = feature_page(stats, f, rank, tokenizer, lens, rows.get(f))
-        atomic_write(out / f"feature_{f}.html", page)
-    return atomic_write(out / "index.html", index_page(stats, feats, rows, lens_top))
+        atomic_write(out / DASHBOARD_FEATURE_PAGE.format(feature=f), page)
+    return atomic_write(out / DASHBOARD_INDEX, index_page(stats, feats, rows, lens_top))

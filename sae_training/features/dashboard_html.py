@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from sae_steer_vllm.constants import DASHBOARD_FEATURE_PAGE, DASHBOARD_INDEX
 from sae_training.features.feature_stats import FeatureStats
 
 HIST_BARS = 64
@@ -214,7 +215,7 @@ def feature_page(
         )
     ctx_html = "".join(contexts) or '<p class="muted">This feature never fired on the corpus.</p>'
     body = (
-        f'<p><a href="index.html">← all features</a></p><h1 id="feature" data-feature="{f}">'
+        f'<p><a href="{DASHBOARD_INDEX}">← all features</a></p><h1 id="feature" data-feature="{f}">'
         f"Feature {f}</h1>"
         f'<p class="muted">corpus {_esc(str(stats.meta.get("corpus", {}).get("path", "")))}, '
         f"{stats.meta.get('n_tokens', '?')} tokens</p>"
@@ -251,7 +252,7 @@ def index_page(
         group = stats.groups[int(share.argmax())] if float(share.sum()) > 0 else ""
         trs.append(
             f'<tr class="feature-row" data-feature="{f}"><td>{rank}</td>'
-            f'<td><a href="feature_{f}.html">{f}</a></td>'
+            f'<td><a href="{DASHBOARD_FEATURE_PAGE.format(feature=f)}">{f}</a></td>'
             f"<td>{_fmt(float(t['reasonscore'][f]))}</td><td>{_fmt(float(t['pos_term'][f]))}</td>"
             f"<td>{float(t['entropy_norm'][f]):.3f}</td><td>{_fmt(float(t['neg_term'][f]))}</td>"
             f"<td>{float(t['density'][f]):.4f}</td><td>{_fmt(float(t['max_activation'][f]))}</td>"
