@@ -69,14 +69,16 @@ class V1BatchSlots:
         for row in batch_update.removed:
             self._release(int(rs[row]))
             rs[row] = 0
-        for row, params, prompt_ids, _out in batch_update.added:
+        for row, params, prompt_ids, out in batch_update.added:
             self._release(int(rs[row]))
             rs[row] = 0
             plan = self.ws.plan_for(params)
             if plan is not None:
                 slot = self._alloc()
                 plen = len(prompt_ids) if prompt_ids is not None else 0
-                self.ws.write_slot(slot, plan, plen, params)
+                # prompt + what a resumed request generated before (V1 restores its outputs)
+                ids = [*(prompt_ids or ()), *(out or ())] if plan.needs_phase else None
+                self.ws.write_slot(slot, plan, plen, params, ids)
                 rs[row] = slot
         for a, b, direction in batch_update.moved:
             if direction == MoveDirectionality.SWAP:

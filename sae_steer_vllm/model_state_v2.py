@@ -61,14 +61,22 @@ class V2RequestSlots:
         self.row_slot = np.zeros(ws.max_reqs, dtype=np.int64)
         self._req_slot: dict[str, int] = {}
 
-    def add(self, req_index: int, req_id: str, params: Any, prompt_len: int) -> None:
+    def add(
+        self,
+        req_index: int,
+        req_id: str,
+        params: Any,
+        prompt_len: int,
+        token_ids: list[int] | None = None,
+    ) -> None:
+        """``token_ids``: prompt, then what a resumed request generated before preemption."""
         self.remove(req_id)
         self.row_slot[req_index] = 0  # the row may have been freed without us
         plan = self.ws.plan_for(params, req_id) if params is not None else None
         if plan is None:
             return
         slot = req_index + 1
-        self.ws.write_slot(slot, plan, prompt_len, params)
+        self.ws.write_slot(slot, plan, prompt_len, params, token_ids)
         self._req_slot[req_id] = slot
         self.row_slot[req_index] = slot
 
@@ -118,6 +126,7 @@ class SteeringModelState(DefaultModelState):
             new_req_data.req_id,
             new_req_data.sampling_params,
             int(new_req_data.prompt_len),
+            new_req_data.prefill_token_ids or new_req_data.prompt_token_ids,
         )
 
     def remove_request(self, req_id: str) -> None:

@@ -50,6 +50,19 @@ class PluginConfig(BaseModel):
         default="all",
         description="Layers that accept raw-vector / add-mode steering: 'all' or '3,10,19'.",
     )
+    think_start_marker: str = Field(
+        default="<think>",
+        max_length=200,
+        description="The token that opens a reasoning span ('thinking' / 'answer' steering); "
+        "'' : the reasoning starts with the first generated token. Must be one token.",
+    )
+    think_end_marker: str = Field(
+        default="</think>",
+        max_length=200,
+        description="The token that closes the reasoning; '' : no phases (the positions "
+        "'thinking' and 'answer' are refused). Must be one token of the model's tokenizer, "
+        "else the phases are off (logged, and shown in GET /v1/saes).",
+    )
     # ------------------------------------------------ admission limits (middleware.py)
     max_spec_bytes: int = Field(
         default=MAX_SPEC_BYTES,

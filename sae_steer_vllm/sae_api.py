@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from .constants import STATS_FILE
 from .spec import (
+    Condition,
     FeatureIntervention,
     Mode,
     Positions,
@@ -33,6 +34,12 @@ SAES_PATH = "/v1/saes"
 """Where a server lists (GET), registers (POST) and removes (DELETE ``/v1/saes/{name}``) SAEs."""
 
 ALL_POSITIONS: list[Positions] = list(get_args(Positions))
+PHASES: tuple[Positions, ...] = ("thinking", "answer")
+"""Positions that need the model's think markers."""
+_DISJOINT: set[frozenset[Positions]] = {
+    frozenset(p) for p in (("prompt", "generated"), ("prompt", "answer"), ("thinking", "answer"))
+}
+"""Scopes no token can be in both of (``thinking`` may include prompt tokens)."""
 
 SAE_NAME_MAX = 200
 
@@ -71,9 +78,26 @@ class SAEEntry(_Wire):
     runtime: bool = Field(default=False, description="registered through POST /v1/saes")
 
 
+class ThinkMarkers(_Wire):
+    """The single tokens that open and close a reasoning span on this server's model
+    (``thinking`` / ``answer`` steering; :mod:`sae_steer_vllm.think_phase` has the rules)."""
+
+    start: str | None = Field(
+        description="opening marker; null: the reasoning starts with the first generated token"
+    )
+    start_id: int | None = Field(ge=0)
+    end: str
+    end_id: int = Field(ge=0)
+
+
 class ModelShape(_Wire):
     num_layers: int = Field(ge=1)
     d_model: int = Field(ge=1)
+    think_markers: ThinkMarkers | None = Field(
+        default=None,
+        description="null: the model has no single-token think markers, so the positions "
+        "'thinking' and 'answer' are refused",
+    )
 
 
 class ServerLimits(_Wire):
@@ -158,8 +182,10 @@ def check_spec_against(spec: SteeringSpec, listing: SAEList) -> None:
         )
     vector_layers = set(limits.vector_layers)
     clamps_per_layer: dict[int, int] = {}
-    seen_clamps: set[tuple[str, int]] = set()
+    seen_clamps: dict[tuple[str, int], tuple[int, FeatureIntervention]] = {}
     clamp_sites: dict[int, tuple[int, str]] = {}
+    if spec.positions in PHASES and spec.interventions:
+        _check_phases(spec.positions, model, "steering.positions")
     for k, iv in enumerate(spec.interventions):
         where = f"steering: interventions.{k}"
         if isinstance(iv, VectorIntervention):
@@ -179,16 +205,119 @@ def check_spec_against(spec: SteeringSpec, listing: SAEList) -> None:
                     f"is {model.d_model}"
                 )
             continue
-        _check_feature(iv, saes, where, limits, clamps_per_layer, seen_clamps)
-        if iv.mode == "clamp":
-            layer = saes[iv.sae].layer
-            first, site = clamp_sites.setdefault(layer, (k, iv.site))
-            if site != iv.site:
-                raise SteeringSpecError(
-                    f"steering: interventions.{k}: its clamp on layer {layer} reads site "
-                    f"{iv.site!r} but interventions.{first} clamps that layer at {site!r}; "
-                    "one request's clamps on one layer must share a site (send two requests)"
-                )
+        _check_feature(iv, saes, where, limits)
+        _check_gates(spec, k, iv, saes, model)
+        if iv.mode == "add" and not iv.gated:
+            continue  # summed into the layer's add vector: no per-intervention entry
+        layer = saes[iv.sae].layer
+        clamps_per_layer[layer] = clamps_per_layer.get(layer, 0) + 1
+        if clamps_per_layer[layer] > limits.max_clamp_per_layer:
+            raise SteeringSpecError(
+                f"{where}: more than {limits.max_clamp_per_layer} clamp, scale or gated (own "
+                f"positions, window or when) interventions on layer {layer} "
+                "(max_clamp_per_layer)"
+            )
+        if iv.mode == "add":
+            continue
+        _check_not_twice(spec, k, iv, seen_clamps)
+        first, site = clamp_sites.setdefault(layer, (k, iv.site))
+        if site != iv.site:
+            raise SteeringSpecError(
+                f"steering: interventions.{k}: its {iv.mode} on layer {layer} reads site "
+                f"{iv.site!r} but interventions.{first} reads that layer at {site!r}; "
+                "one request's clamps and scales on one layer must share a site (send two "
+                "requests)"
+            )
+
+
+def _check_phases(positions: str, model: ModelShape, where: str) -> None:
+    if model.think_markers is None:
+        raise SteeringSpecError(
+            f"{where}: {positions!r} needs the model's think markers, and this server's model "
+            "has none (its tokenizer has no single-token <think>/</think>; a server can name "
+            "other markers with --think-start-marker / --think-end-marker)"
+        )
+
+
+def _scope(spec: SteeringSpec, iv: FeatureIntervention) -> str:
+    return iv.positions or spec.positions
+
+
+def _check_not_twice(
+    spec: SteeringSpec,
+    k: int,
+    iv: FeatureIntervention,
+    seen: dict[tuple[str, int], tuple[int, FeatureIntervention]],
+) -> None:
+    """Two clamps/scales of one feature would both subtract its value: refused unless no token
+    can be in both (disjoint scopes, or disjoint windows)."""
+    key = (iv.sae, iv.feature)
+    prev = seen.get(key)
+    seen[key] = (k, iv)
+    if prev is None:
+        return
+    j, other = prev
+    scopes = frozenset((_scope(spec, iv), _scope(spec, other)))
+    if scopes in _DISJOINT or _windows_disjoint(iv.window, other.window):
+        return
+    raise SteeringSpecError(
+        f"steering: interventions.{k}: feature {iv.feature} of SAE {iv.sae!r} is already "
+        f"steered ({other.mode}) by interventions.{j} at tokens this one may also steer "
+        "(both would subtract its value); give them "
+        "disjoint positions (prompt/generated, thinking/answer) or disjoint windows"
+    )
+
+
+def _windows_disjoint(
+    a: tuple[int | None, int | None] | None, b: tuple[int | None, int | None] | None
+) -> bool:
+    if a is None or b is None:
+        return False
+    big = 1 << 62
+    a0, a1 = a[0] or 0, big if a[1] is None else a[1]
+    b0, b1 = b[0] or 0, big if b[1] is None else b[1]
+    return a1 <= b0 or b1 <= a0
+
+
+def _check_gates(
+    spec: SteeringSpec,
+    k: int,
+    iv: FeatureIntervention,
+    saes: dict[str, SAEEntry],
+    model: ModelShape,
+) -> None:
+    where = f"steering: interventions.{k}"
+    if iv.positions in PHASES:
+        _check_phases(iv.positions, model, f"{where}.positions")
+    if iv.when is not None:
+        _check_condition(iv.when, saes[iv.sae], saes, f"{where}.when")
+
+
+def _check_condition(
+    cond: Condition, target: SAEEntry, saes: dict[str, SAEEntry], where: str
+) -> None:
+    info = saes.get(cond.sae)
+    if info is None:
+        known = ", ".join(sorted(saes)) or "none"
+        raise SteeringSpecError(f"{where}.sae: unknown SAE {cond.sae!r} (registered: {known})")
+    if info.layer != target.layer:
+        raise SteeringSpecError(
+            f"{where}.sae: SAE {cond.sae!r} reads layer {info.layer}, but the intervention "
+            f"steers layer {target.layer}; a condition must read the same layer (its value "
+            "is taken before that layer's interventions, which a later layer cannot see)"
+        )
+    if info.architecture == "topk" or "clamp" not in info.modes:
+        raise SteeringSpecError(
+            f"{where}.sae: SAE {cond.sae!r} is TopK, whose feature values depend on all "
+            "features; a condition needs a per-feature encoder (ReLU / JumpReLU)"
+            if info.architecture == "topk"
+            else f"{where}.sae: SAE {cond.sae!r} cannot be read per feature on this server"
+        )
+    if cond.feature >= info.d_sae:
+        raise SteeringSpecError(
+            f"{where}.feature: feature {cond.feature} out of range for SAE {cond.sae!r} "
+            f"with {info.d_sae} features"
+        )
 
 
 def _check_feature(
@@ -196,8 +325,6 @@ def _check_feature(
     saes: dict[str, SAEEntry],
     where: str,
     limits: ServerLimits,
-    clamps_per_layer: dict[int, int],
-    seen_clamps: set[tuple[str, int]],
 ) -> None:
     info = saes.get(iv.sae)
     if info is None:
@@ -220,25 +347,13 @@ def _check_feature(
             f"({STATS_FILE} predates it); use unit 'max' or 'value', or re-run "
             f"`sae-steer score` for this SAE"
         )
-    if iv.mode == "clamp":
-        if "clamp" not in info.modes:
+    if iv.mode in ("clamp", "scale"):
+        if iv.mode not in info.modes:
             raise SteeringSpecError(
                 f"{where}.mode: SAE {iv.sae!r} is TopK, whose feature values depend on all "
-                "features; 'clamp' cannot be applied exactly, use mode 'add'"
+                f"features; {iv.mode!r} cannot be applied exactly, use mode 'add'"
                 if info.architecture == "topk"
-                else f"{where}.mode: SAE {iv.sae!r} does not accept 'clamp' on this server"
-            )
-        key = (iv.sae, iv.feature)
-        if key in seen_clamps:
-            raise SteeringSpecError(
-                f"{where}: feature {iv.feature} of SAE {iv.sae!r} is clamped twice"
-            )
-        seen_clamps.add(key)
-        clamps_per_layer[info.layer] = clamps_per_layer.get(info.layer, 0) + 1
-        if clamps_per_layer[info.layer] > limits.max_clamp_per_layer:
-            raise SteeringSpecError(
-                f"{where}: more than {limits.max_clamp_per_layer} clamped features on "
-                f"layer {info.layer} (max_clamp_per_layer)"
+                else f"{where}.mode: SAE {iv.sae!r} does not accept {iv.mode!r} on this server"
             )
     elif "add" not in info.modes:
         raise SteeringSpecError(

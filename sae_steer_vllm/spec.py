@@ -41,8 +41,15 @@ MAX_SPEC_DEPTH = 16
 (spec -> interventions -> intervention -> vector); Python's JSON parser raises
 ``RecursionError`` on a few thousand ``[`` , so this check keeps hostile text away from it."""
 
-Mode = Literal["clamp", "add"]
-Positions = Literal["all", "prompt", "generated"]
+Mode = Literal["clamp", "add", "scale"]
+Positions = Literal["all", "prompt", "generated", "thinking", "answer"]
+"""Which tokens are steered: ``all``, ``prompt``, ``generated``, or the reasoning phases
+``thinking`` (from the opening think marker, in the prompt or generated, up to and including
+the first generated closing marker) and ``answer`` (generated tokens after it). The phases
+need a server whose model has single-token think markers (``GET /v1/saes``:
+``model.think_markers``); docs/conditional_steering.md defines every case."""
+ReadoutPositions = Literal["all", "prompt", "generated"]
+"""Which tokens a readout reads."""
 Unit = Literal["max", "quantile"]
 """What ``strength`` multiplies: the feature's max activation or its quantile unit."""
 Site = Literal["resid_post", "mlp_out"]
@@ -61,13 +68,54 @@ def _finite(v: float, name: str) -> float:
     return v
 
 
-class FeatureIntervention(BaseModel):
-    """Steer one SAE feature: ``clamp`` sets it (keeping the SAE error), ``add`` adds its decoder row.
+Window = tuple[int | None, int | None]
+"""``[start, stop)`` in generated-token indices (the first generated token is 0); either end
+may be null."""
 
-    The target is ``value`` if given, else ``strength x unit`` of the feature, taken from
-    the statistics file beside the SAE: ``unit`` ``"max"`` (default) is its max activation,
-    ``"quantile"`` a high quantile of its non-zero activations (``quantile_unit``, robust to
-    a few outlier tokens; level in the file's metadata).
+
+class Condition(BaseModel):
+    """Steer only at tokens where a feature of an SAE on the same layer is above / below a level.
+
+    The feature is the SAE's own encode of resid_post at that layer *before* any intervention
+    at that layer (what the model computed, not what steering made of it). Both ``above`` and
+    ``below``: a band, ``above < f < below``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sae: str = Field(min_length=1, max_length=200)
+    feature: int = Field(ge=0)
+    above: float | None = None
+    below: float | None = None
+
+    @field_validator("above", "below")
+    @classmethod
+    def _check_finite(cls, v: float | None, info: Any) -> float | None:
+        return None if v is None else _finite(v, info.field_name)
+
+    @model_validator(mode="after")
+    def _some_bound(self) -> Condition:
+        if self.above is None and self.below is None:
+            raise ValueError("give 'above' or 'below' (or both, for a band)")
+        if self.above is not None and self.below is not None and not self.above < self.below:
+            raise ValueError(f"empty band: above ({self.above}) must be < below ({self.below})")
+        return self
+
+
+class FeatureIntervention(BaseModel):
+    """Steer one SAE feature: ``clamp`` sets it (keeping the SAE error), ``add`` adds its decoder
+    row, ``scale`` multiplies it by ``factor`` where it is active.
+
+    The target of ``clamp``/``add`` is ``value`` if given, else ``strength x unit`` of the
+    feature, taken from the statistics file beside the SAE: ``unit`` ``"max"`` (default) is its
+    max activation, ``"quantile"`` a high quantile of its non-zero activations
+    (``quantile_unit``, robust to a few outlier tokens; level in the file's metadata).
+    ``scale`` takes ``factor`` ``m`` instead: ``h' = h + (m - 1) f_i(h) W_dec[i]``, zero where
+    the feature is off (``m = 0`` ablates it).
+
+    Where it applies: ``positions`` (default: the request's), ``window`` and ``when`` narrow the
+    tokens further; all three must admit a token. Each is left out of the JSON when unset, so
+    older specs keep their text and cache salt.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -84,19 +132,54 @@ class FeatureIntervention(BaseModel):
     """``resid_post`` (default) or ``mlp_out``: the clamp encodes the feature from, and edits,
     the layer's MLP output. An ``add`` is the same at both sites (the next layer reads only
     their sum). Left out of the JSON when default, so older specs keep their text and salt."""
+    factor: float | None = None
+    """``scale`` mode only: the factor ``m`` the feature is multiplied by where active."""
+    positions: Positions | None = None
+    """This intervention's tokens; overrides the request's ``positions``."""
+    window: Window | None = None
+    """``[start, stop)`` in generated-token indices: only generated tokens in it are steered."""
+    when: Condition | None = None
+    """Only at tokens where this condition holds."""
 
-    @field_validator("strength", "value")
+    @field_validator("strength", "value", "factor")
     @classmethod
     def _check_finite(cls, v: float | None, info: Any) -> float | None:
         return None if v is None else _finite(v, info.field_name)
 
+    @field_validator("window")
+    @classmethod
+    def _check_window(cls, v: Window | None) -> Window | None:
+        if v is None:
+            return v
+        start, stop = v
+        if start is None and stop is None:
+            raise ValueError("window [null, null] restricts nothing; leave 'window' out")
+        if (start is not None and start < 0) or (stop is not None and stop < 0):
+            raise ValueError(f"window {list(v)}: indices must be >= 0")
+        if start is not None and stop is not None and not start < stop:
+            raise ValueError(f"window {list(v)}: start must be < stop ([start, stop) is empty)")
+        return v
+
     @model_validator(mode="after")
     def _one_target(self) -> FeatureIntervention:
+        if self.mode == "scale":
+            if self.factor is None:
+                raise ValueError("mode 'scale' needs 'factor' (the multiplier m)")
+            if self.strength is not None or self.value is not None or self.unit != "max":
+                raise ValueError("mode 'scale' takes 'factor', not 'strength', 'value' or 'unit'")
+            return self
+        if self.factor is not None:
+            raise ValueError(f"'factor' is for mode 'scale', not {self.mode!r}")
         if (self.strength is None) == (self.value is None):
             raise ValueError("give exactly one of 'strength' (x max_activation) or 'value'")
         if self.value is not None and self.unit != "max":
             raise ValueError("'unit' scales 'strength'; it cannot go with 'value'")
         return self
+
+    @property
+    def gated(self) -> bool:
+        """Has its own positions, window or condition (gated per token, per intervention)."""
+        return self.positions is not None or self.window is not None or self.when is not None
 
 
 class VectorIntervention(BaseModel):
@@ -172,7 +255,7 @@ class ReadoutSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     saes: list[SAEReadout] = Field(min_length=1, max_length=16)
-    positions: Positions = "all"
+    positions: ReadoutPositions = "all"
     """Read tokens: ``prompt``, ``generated`` or ``all``. Prompt positions are computed for
     this request alone (no prefix-cache reuse), since cached positions were never computed."""
 

@@ -54,7 +54,8 @@ from vllm.model_executor.models.utils import PPMissingLayer
 
 from .batch_tracker import fill_token_slots
 from .errors import SaeSteerError
-from .slot_tables import position_gate, steering_delta
+from .slot_tables import steering_delta, token_phase
+from .think_phase import update_phase
 from .worker_steering import WorkerSteering, get_worker_steering
 
 
@@ -70,16 +71,22 @@ def _steering_hook(
     if capture is not None:  # readout: what the SAE sees, before this layer's intervention
         capture(hidden + residual, positions)
     idx = module.sae_steer_tok_slot[:n]
-    gate = position_gate(
-        positions, idx, module.sae_steer_slot_mode, module.sae_steer_slot_prompt_len
+    phase = token_phase(
+        positions,
+        idx,
+        module.sae_steer_slot_prompt_len,
+        module.sae_steer_slot_think_start,
+        module.sae_steer_slot_think_end,
     )
-    delta = steering_delta(module.sae_steer_tables, idx, gate, hidden, residual)
+    delta = steering_delta(
+        module.sae_steer_tables, idx, phase, module.sae_steer_slot_mode, hidden, residual
+    )
     return hidden, residual + delta
 
 
 def _install(model: nn.Module, vllm_config: Any) -> None:
     ws = get_worker_steering(vllm_config)
-    tok_slot, slot_mode, slot_prompt_len = ws.shared_buffers()
+    shared = ws.shared_buffers()
     dtype = vllm_config.model_config.dtype
     inner: Any = model.model
     layers: Any = inner.layers
@@ -93,9 +100,8 @@ def _install(model: nn.Module, vllm_config: Any) -> None:
         capture = ws.build_capture(i, dtype)
         if capture is not None:
             layer.sae_steer_capture = capture
-        layer.register_buffer("sae_steer_tok_slot", tok_slot, persistent=False)
-        layer.register_buffer("sae_steer_slot_mode", slot_mode, persistent=False)
-        layer.register_buffer("sae_steer_slot_prompt_len", slot_prompt_len, persistent=False)
+        for name, buf in shared._asdict().items():
+            layer.register_buffer("sae_steer_" + name, buf, persistent=False)
         layer.register_forward_hook(_steering_hook, with_kwargs=True)
     if ws.readout is not None:
         ws.readout.preload()
@@ -129,6 +135,19 @@ class SteeringMixin(nn.Module):
                 "sae-steer: Model Runner V2 did not build sae-steer's model state, so "
                 "steering cannot attach; start vLLM with VLLM_USE_V2_MODEL_RUNNER=0 and "
                 "report the vLLM version"
+            )
+        ws = self._sae_steer_ws
+        if ws.phase_ids is not None and input_ids is not None:
+            pos = positions[0] if positions.dim() > 1 else positions
+            st = ws.shared_buffers()
+            update_phase(
+                input_ids,
+                pos,
+                st.tok_slot[: pos.shape[0]],
+                st.slot_prompt_len,
+                st.slot_think_start,
+                st.slot_think_end,
+                *ws.phase_ids,
             )
         return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
 

@@ -15,6 +15,12 @@ The math (reasonscore.md, "Steering interventions"): with target ``c``,
 * ``clamp``: ``h' = h + (c - f_i(h)) * W_dec[i]`` (= decode with ``f_i := c`` plus
   the SAE error), where ``f_i(h) = pre_i * [pre_i > thr_i]`` and
   ``pre_i = h . W_enc[:, i] + b_enc[i] - b_dec . W_enc[:, i]``.
+* ``scale`` by ``m``: ``h' = h + (m - 1) f_i(h) * W_dec[i]``.
+
+All three are one *entry* ``h' = h + (target + slope * f_i(h)) * W_dec[i]`` (slope -1, 0 and
+``m - 1``), gated per token by the entry's positions, window and condition
+(:class:`EntryRow`). Plain adds without a gate of their own are summed into one vector per
+layer instead, which costs nothing per entry.
 
 Several clamps on one layer are evaluated on the same ``h`` and summed, which
 for a per-feature SAE (ReLU/JumpReLU) is exactly decoding with all targets set.
@@ -29,6 +35,8 @@ input per slot and layer.
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
@@ -40,12 +48,14 @@ from .constants import STATS_FILE
 from .plugin_config import PluginConfig, PluginConfigError
 from .sae import SAEConfig, SAEFormatError, SAERows, load_units, read_config
 from .sae_api import (
+    PHASES,
     ModelShape,
     ReadoutLimits,
     RuntimeUpdates,
     SAEEntry,
     SAEList,
     ServerLimits,
+    ThinkMarkers,
     check_spec_against,
 )
 from .spec import (
@@ -60,14 +70,18 @@ from .spec import (
     VectorIntervention,
 )
 
+logger = logging.getLogger("sae_steer_vllm")
+
 
 class PositionMode(IntEnum):
     """Which tokens of a request are steered: the spec's ``positions``, as the int the
-    slot tables store per slot (:func:`~sae_steer_vllm.slot_tables.position_gate`)."""
+    slot tables store per slot and entry (:func:`~sae_steer_vllm.slot_tables.position_gate`)."""
 
     ALL = 0
     PROMPT = 1
     GENERATED = 2
+    THINKING = 3
+    ANSWER = 4
 
     @classmethod
     def of(cls, positions: Positions) -> PositionMode:
@@ -134,6 +148,11 @@ class SAECatalog:
     readout_layers: set[int] = field(default_factory=set)
     """Layers whose resid_post is captured for readout (fixed at start-up, like the tables):
     with ``readout`` on, every start-up SAE's layer and every clamp layer (runtime SAEs)."""
+    entry_layers: set[int] = field(default_factory=set)
+    """Layers with per-intervention entry tables (clamp, scale, gated add): every clamp layer
+    and every start-up SAE's layer (a TopK SAE's gated adds need them too)."""
+    think_markers: ThinkMarkers | None = None
+    """The model's think markers (:mod:`~sae_steer_vllm.think_phase`); None: no phases."""
     _rows: dict[str, SAERows] = field(default_factory=dict)
     _listing: SAEList | None = None
 
@@ -157,6 +176,7 @@ class SAECatalog:
             clamp_layers=clamp | runtime_layers,
             steerable_layers=vector_layers | runtime_layers | sae_layers,
             readout_layers=(clamp | runtime_layers | sae_layers) if config.readout else set(),
+            entry_layers=clamp | runtime_layers | sae_layers,
         )
 
     @classmethod
@@ -166,7 +186,9 @@ class SAECatalog:
         hf = vllm_config.model_config.hf_config
         text = hf.get_text_config() if hasattr(hf, "get_text_config") else hf
         config = PluginConfig.from_additional_config(vllm_config.additional_config)
-        return cls.load(config, int(text.num_hidden_layers), int(text.hidden_size))
+        cat = cls.load(config, int(text.num_hidden_layers), int(text.hidden_size))
+        cat.think_markers = _think_markers(vllm_config.model_config, config)
+        return cat
 
     def rows(self, name: str) -> SAERows:
         if name not in self._rows:
@@ -177,17 +199,19 @@ class SAECatalog:
     def modes(self, info: SAEInfo) -> list[Mode]:
         """Modes an SAE's features accept here: clamp needs a per-feature encoder (not TopK)
         and clamp tables on its layer; add needs its layer among the vector layers."""
-        out: list[Mode] = []
-        if info.cfg.architecture != "topk" and info.cfg.hook_layer in self.clamp_layers:
-            out.append("clamp")
+        clamps = info.cfg.architecture != "topk" and info.cfg.hook_layer in self.clamp_layers
+        out: list[Mode] = ["clamp"] if clamps else []
         if info.cfg.hook_layer in self.vector_layers:
             out.append("add")
+        if clamps:
+            out.append("scale")
         return out
 
     def listing(self) -> SAEList:
         """``GET /v1/saes`` (cached until the registry changes)."""
         if self._listing is None:
             lim = self.limits
+            positions = [p for p in get_args(Positions) if self.think_markers or p not in PHASES]
             self._listing = SAEList(
                 data=[
                     SAEEntry(
@@ -197,13 +221,18 @@ class SAECatalog:
                         d_sae=s.cfg.d_sae,
                         architecture=s.cfg.architecture,
                         modes=self.modes(s),
+                        positions=positions,
                         has_statistics=s.max_activation is not None,
                         strength_units=[u for u in get_args(Unit) if u in s.units],
                         runtime=s.runtime,
                     )
                     for s in sorted(self.saes.values(), key=lambda s: s.name)
                 ],
-                model=ModelShape(num_layers=self.num_layers, d_model=self.d_model),
+                model=ModelShape(
+                    num_layers=self.num_layers,
+                    d_model=self.d_model,
+                    think_markers=self.think_markers,
+                ),
                 limits=ServerLimits(
                     max_interventions=lim.max_interventions,
                     max_clamp_per_layer=lim.max_clamp_per_layer,
@@ -297,27 +326,52 @@ def check_spec(spec: SteeringSpec, cat: SAECatalog) -> None:
     """
     check_spec_against(spec, cat.listing())
     for k, iv in enumerate(spec.interventions):
-        if isinstance(iv, FeatureIntervention):
+        if isinstance(iv, FeatureIntervention) and iv.mode != "scale":
             target = _target(iv, cat.saes[iv.sae])
             if not abs(target) < float("inf"):
                 raise SteeringSpecError(f"steering: interventions.{k}: target value is not finite")
 
 
+WINDOW_END = 1 << 62
+"""An open end of a window (larger than any generated index)."""
+
+
 @dataclass
-class ClampRow:
+class ConditionRow:
+    """``when``: the condition feature's encoder row and the open band it must lie in."""
+
+    enc: torch.Tensor  # [d] float32
+    bias: float
+    threshold: float
+    above: float  # -inf when only 'below'
+    below: float  # +inf when only 'above'
+
+
+@dataclass
+class EntryRow:
+    """One per-token intervention: ``h' = h + (target + slope * f_i(h)) * W_dec[i]`` where its
+    gate (positions, window, condition) admits the token. Clamp: slope -1; add: slope 0 (and a
+    zero encoder); scale by ``m``: target 0, slope ``m - 1``."""
+
     enc: torch.Tensor  # [d] float32
     bias: float
     threshold: float
     dec: torch.Tensor  # [d] float32
     target: float
+    slope: float = -1.0
+    positions: PositionMode = PositionMode.ALL
+    window: tuple[int, int] = (-WINDOW_END, WINDOW_END)
+    """``[start, stop)`` in generated-token indices; the default admits every token, prompt too"""
+    when: ConditionRow | None = None
 
 
 @dataclass
 class LayerPlan:
-    add: torch.Tensor | None = None  # [d] float32, summed add-mode and vector contributions
-    clamps: list[ClampRow] = field(default_factory=list)
+    add: torch.Tensor | None = None  # [d] float32, summed ungated add-mode and vector contributions
+    entries: list[EntryRow] = field(default_factory=list)
     clamp_site: Site = "resid_post"
-    """what the clamps encode: resid_post, or the layer's MLP output (check_spec: one per layer)"""
+    """what clamps and scales encode: resid_post, or the layer's MLP output (check_spec: one
+    per layer and request)"""
 
 
 @dataclass
@@ -327,9 +381,17 @@ class SteeringPlan:
     readout: ReadoutSpec | None = None
     """what the request reads (:mod:`sae_steer_vllm.readout_worker`); its tables may be empty"""
 
+    @property
+    def needs_phase(self) -> bool:
+        """Some token's gate depends on the think markers (the worker then tracks S and E)."""
+        phases = (PositionMode.THINKING, PositionMode.ANSWER)
+        return self.position_mode in phases or any(
+            e.positions in phases for lp in self.layers.values() for e in lp.entries
+        )
+
 
 def plan_spec(spec: SteeringSpec, cat: SAECatalog) -> SteeringPlan:
-    """Checked spec -> per-layer add vector and clamp rows (float32)."""
+    """Checked spec -> per-layer add vector and entries (float32)."""
     check_spec(spec, cat)
     layers: dict[int, LayerPlan] = {}
 
@@ -342,15 +404,55 @@ def plan_spec(spec: SteeringSpec, cat: SAECatalog) -> SteeringPlan:
             add_to(iv.layer, torch.tensor(iv.vector, dtype=torch.float32) * iv.scale)
             continue
         info = cat.saes[iv.sae]
-        target = _target(iv, info)
-        enc, bias, thr, dec = cat.rows(iv.sae).feature(iv.feature)
         layer = info.cfg.hook_layer
+        enc, bias, thr, dec = cat.rows(iv.sae).feature(iv.feature)
+        if iv.mode == "add" and not iv.gated:
+            add_to(layer, dec * _target(iv, info))
+            continue
+        lp = layers.setdefault(layer, LayerPlan())
         if iv.mode == "add":
-            add_to(layer, dec * target)
-        else:
-            lp = layers.setdefault(layer, LayerPlan())
-            lp.clamps.append(ClampRow(enc=enc, bias=bias, threshold=thr, dec=dec, target=target))
+            row = EntryRow(torch.zeros_like(enc), 0.0, 0.0, dec, _target(iv, info), slope=0.0)
+        elif iv.mode == "scale":
+            assert iv.factor is not None
+            row = EntryRow(enc, bias, thr, dec, 0.0, slope=iv.factor - 1.0)
             lp.clamp_site = iv.site
+        else:
+            row = EntryRow(enc, bias, thr, dec, _target(iv, info))
+            lp.clamp_site = iv.site
+        row.positions = PositionMode.of(iv.positions or spec.positions)
+        if iv.window is not None:
+            start, stop = iv.window
+            row.window = (start or 0, WINDOW_END if stop is None else stop)
+        if iv.when is not None:
+            c = iv.when
+            cenc, cbias, cthr, _ = cat.rows(c.sae).feature(c.feature)
+            row.when = ConditionRow(
+                cenc,
+                cbias,
+                cthr,
+                -math.inf if c.above is None else c.above,
+                math.inf if c.below is None else c.below,
+            )
+        lp.entries.append(row)
     return SteeringPlan(
         layers=layers, position_mode=PositionMode.of(spec.positions), readout=spec.readout
     )
+
+
+def _think_markers(model_config: Any, config: PluginConfig) -> ThinkMarkers | None:
+    """The served model's think markers, from vLLM's own tokenizer for it (the one that made
+    the ids the worker sees); None, logged, when it has none."""
+    from vllm.tokenizers.registry import cached_tokenizer_from_config
+
+    from .think_phase import resolve_think_markers
+
+    try:
+        tokenizer = cached_tokenizer_from_config(model_config)
+    except Exception as e:  # noqa: BLE001 - a model without a tokenizer just has no phases
+        logger.warning("sae-steer: no tokenizer, so no think phases: %s", e)
+        return None
+    markers, why = resolve_think_markers(
+        tokenizer, config.think_start_marker, config.think_end_marker
+    )
+    logger.info("sae-steer: think markers: %s", why)
+    return markers

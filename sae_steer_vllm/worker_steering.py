@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
@@ -38,6 +38,7 @@ from .sae import SAEFormatError, SAERows
 from .slot_tables import LayerTables
 from .spec import spec_from_extra_args
 from .steering_plan import SAECatalog, SteeringPlan, plan_spec
+from .think_phase import NO_POSITION, initial_phase
 
 if TYPE_CHECKING:
     from .batch_tracker import V1BatchSlots
@@ -46,6 +47,21 @@ if TYPE_CHECKING:
 logger = logging.getLogger("sae_steer_vllm")
 
 _PLAN_CACHE_SIZE = 512
+
+
+class SlotState(NamedTuple):
+    """The buffers every steered layer shares (registered on each as ``sae_steer_<name>``)."""
+
+    tok_slot: torch.Tensor
+    """``[max_tokens]``: this step's slot per token (0: unsteered)"""
+    slot_mode: torch.Tensor
+    """``[S]``: each slot's request-level positions (:class:`PositionMode`)"""
+    slot_prompt_len: torch.Tensor
+    """``[S]``: each slot's prompt length"""
+    slot_think_start: torch.Tensor
+    """``[S]``: each slot's reasoning start ``S`` (:mod:`~sae_steer_vllm.think_phase`)"""
+    slot_think_end: torch.Tensor
+    """``[S]``: each slot's first end marker ``E``"""
 
 
 @dataclass
@@ -83,9 +99,15 @@ class WorkerSteering:
         self.v1: V1BatchSlots | None = None
         self.v2: V2RequestSlots | None = None
         self.tables: dict[int, LayerTables] = {}
-        self.tok_slot: torch.Tensor | None = None
-        self.slot_mode: torch.Tensor | None = None
-        self.slot_prompt_len: torch.Tensor | None = None
+        self._shared: SlotState | None = None
+        markers = self.catalog.think_markers
+        self.phase_ids: tuple[int, int] | None = (
+            None
+            if markers is None
+            else (-1 if markers.start_id is None else markers.start_id, markers.end_id)
+        )
+        """(start id or -1, end id) when the model has think markers: the forward then
+        tracks each slot's think span (:func:`~sae_steer_vllm.think_phase.update_phase`)"""
         self._plans: OrderedDict[str, SteeringPlan] = OrderedDict()
         self.plan_failures = PlanFailures()
         self._slot_layers: dict[int, set[int]] = {}
@@ -140,7 +162,7 @@ class WorkerSteering:
         """Called while vLLM constructs the model (so default device/dtype apply)."""
         if layer not in self.catalog.steerable_layers:
             return None
-        k = self.config.max_clamp_per_layer if layer in self.catalog.clamp_layers else 0
+        k = self.config.max_clamp_per_layer if layer in self.catalog.entry_layers else 0
         t = LayerTables(self.num_slots, self.d_model, k, dtype)
         self.tables[layer] = t
         return t
@@ -155,13 +177,18 @@ class WorkerSteering:
         self.readout.add_capture(layer, cap)
         return cap
 
-    def shared_buffers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self.tok_slot is None:
-            self.tok_slot = torch.zeros(self.max_tokens, dtype=torch.int64)
-            self.slot_mode = torch.zeros(self.num_slots, dtype=torch.int64)
-            self.slot_prompt_len = torch.zeros(self.num_slots, dtype=torch.int64)
-        assert self.slot_mode is not None and self.slot_prompt_len is not None
-        return self.tok_slot, self.slot_mode, self.slot_prompt_len
+    def shared_buffers(self) -> SlotState:
+        """Created on first use, while vLLM constructs the model (its device and dtype)."""
+        if self._shared is None:
+            i64 = torch.int64
+            self._shared = SlotState(
+                tok_slot=torch.zeros(self.max_tokens, dtype=i64),
+                slot_mode=torch.zeros(self.num_slots, dtype=i64),
+                slot_prompt_len=torch.zeros(self.num_slots, dtype=i64),
+                slot_think_start=torch.full((self.num_slots,), NO_POSITION, dtype=i64),
+                slot_think_end=torch.full((self.num_slots,), NO_POSITION, dtype=i64),
+            )
+        return self._shared
 
     # ------------------------------------------------------------------ plans
     def plan_for(self, params: Any, req_id: str | None = None) -> SteeringPlan | None:
@@ -227,10 +254,16 @@ class WorkerSteering:
             logger.error(msg, *args)
 
     def write_slot(
-        self, slot: int, plan: SteeringPlan, prompt_len: int, params: Any = None
+        self,
+        slot: int,
+        plan: SteeringPlan,
+        prompt_len: int,
+        params: Any = None,
+        token_ids: Sequence[int] | None = None,
     ) -> None:
         """Put a request's plan into ``slot``'s tables (clearing layers it no longer uses),
-        and its readout target (from ``params``) beside them."""
+        its readout target (from ``params``) beside them, and its think span as far as
+        ``token_ids`` (prompt, then what it generated before a preemption) show it."""
         if self.readout is not None:
             self.readout.attach(slot, read_target(params, plan.readout, prompt_len))
         for layer in self._slot_layers.pop(slot, set()) - set(plan.layers):
@@ -238,9 +271,22 @@ class WorkerSteering:
         for layer, lp in plan.layers.items():
             self.tables[layer].write(slot, lp)
         self._slot_layers[slot] = set(plan.layers)
-        _, mode, plen = self.shared_buffers()
-        mode[slot] = int(plan.position_mode)
-        plen[slot] = prompt_len
+        st = self.shared_buffers()
+        st.slot_mode[slot] = int(plan.position_mode)
+        st.slot_prompt_len[slot] = prompt_len
+        start = end = NO_POSITION
+        markers = self.catalog.think_markers
+        if markers is not None and plan.needs_phase:
+            if token_ids is None:  # cannot happen with vLLM 0.32's runners; never guess
+                self.warn_once(
+                    "notokens",
+                    "sae-steer: the runner gave no token ids with a request that steers "
+                    "thinking/answer; its phase starts from the first generated marker",
+                )
+                token_ids = []
+            start, end = initial_phase(token_ids, prompt_len, markers)
+        st.slot_think_start[slot] = start
+        st.slot_think_end[slot] = end
 
     def release_slot(self, slot: int) -> None:
         """The request in ``slot`` left (finished, aborted or preempted): it reads no more.
@@ -251,7 +297,7 @@ class WorkerSteering:
     # ------------------------------------------------------------------ token map
     def write_tokens(self, tok: np.ndarray) -> None:
         """This step's slot per token; the rest of the buffer is kept zero (unsteered)."""
-        buf, _, _ = self.shared_buffers()
+        buf = self.shared_buffers().tok_slot
         n = len(tok)
         if n:
             buf[:n].copy_(torch.from_numpy(np.ascontiguousarray(tok)), non_blocking=False)

@@ -18,9 +18,10 @@ import torch
 from sae_steer_vllm.admission import AdmissionError, admit
 from sae_steer_vllm.plugin_config import PluginConfig
 from sae_steer_vllm.sae import SAE, random_sae
-from sae_steer_vllm.slot_tables import LayerTables, steering_delta
+from sae_steer_vllm.slot_tables import LayerTables, steering_delta, token_phase
 from sae_steer_vllm.spec import SteeringSpec, SteeringSpecError, spec_from_extra_args
 from sae_steer_vllm.steering_plan import SAECatalog, check_spec, plan_spec
+from sae_steer_vllm.think_phase import NO_POSITION
 
 D = 32
 
@@ -131,7 +132,7 @@ def test_plan_carries_the_site(catalog: SAECatalog) -> None:
         catalog,
     )
     lp = both.layers[2]
-    assert lp.clamp_site == "mlp_out" and len(lp.clamps) == 2 and lp.add is not None
+    assert lp.clamp_site == "mlp_out" and len(lp.entries) == 2 and lp.add is not None
     plain = plan_spec(_spec({"sae": "std", "feature": 1, "value": 1.0}), catalog)
     assert plain.layers[2].clamp_site == "resid_post"
 
@@ -143,6 +144,14 @@ def _clamp_by_sae(sae: SAE, x: torch.Tensor, feature: int, c: float) -> torch.Te
     f2 = f.clone()
     f2[..., feature] = c
     return sae.decode(f2) + err - x
+
+
+def _delta(tables: LayerTables, idx: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor):
+    """Every token a prompt token of a request steering ``all`` positions."""
+    s = tables.num_slots
+    never = torch.full((s,), NO_POSITION, dtype=torch.int64)
+    phase = token_phase(torch.zeros_like(idx), idx, torch.ones(s, dtype=torch.int64), never, never)
+    return steering_delta(tables, idx, phase, torch.zeros(s, dtype=torch.int64), hidden, residual)
 
 
 def test_delta_reads_the_mlp_output_for_mlp_out_slots(tmp_path: Path, catalog: SAECatalog) -> None:
@@ -159,8 +168,7 @@ def test_delta_reads_the_mlp_output_for_mlp_out_slots(tmp_path: Path, catalog: S
     hidden = torch.randn(6, D, generator=g)
     residual = torch.randn(6, D, generator=g) * 3
     idx = torch.tensor([1, 2, 0, 2, 1, 2])
-    gate = torch.ones(6)
-    delta = steering_delta(tables, idx, gate, hidden, residual)
+    delta = _delta(tables, idx, hidden, residual)
 
     want_r = _clamp_by_sae(sae, hidden + residual, 5, 4.0)
     want_m = _clamp_by_sae(sae, hidden, 5, 4.0)
@@ -173,7 +181,7 @@ def test_delta_reads_the_mlp_output_for_mlp_out_slots(tmp_path: Path, catalog: S
 
     # slot 2 handed to a resid_post request: its site follows the new plan
     tables.write(2, plan_spec(spec_r, catalog).layers[2])
-    again = steering_delta(tables, idx, gate, hidden, residual)
+    again = _delta(tables, idx, hidden, residual)
     torch.testing.assert_close(again[1], want_r[1], atol=1e-4, rtol=1e-4)
     # and a cleared slot reads resid_post again
     tables.write(2, None)
@@ -189,7 +197,7 @@ def test_resid_post_delta_is_unchanged_bit_for_bit(catalog: SAECatalog) -> None:
     hidden = torch.randn(4, D, generator=g).to(torch.bfloat16)
     residual = torch.randn(4, D, generator=g).to(torch.bfloat16)
     idx = torch.ones(4, dtype=torch.int64)
-    got = steering_delta(tables, idx, torch.ones(4), hidden, residual)
+    got = _delta(tables, idx, hidden, residual)
     h = (hidden + residual).to(torch.float32)
     pre = h @ tables.enc.T + tables.bias
     f = pre * (pre > tables.thr).to(pre.dtype)

@@ -35,7 +35,7 @@ spec = SteeringSpec.from_obj(
 assert steering_extra_body(spec)["vllm_xargs"]["steering"] == spec.to_json()
 cat = SAECatalog.load(PluginConfig(saes={"s": folder}), num_layers=2, d_model=16)
 plan = plan_spec(spec, cat)
-assert len(plan.layers[1].clamps) == 1 and plan.position_mode is PositionMode.PROMPT
+assert len(plan.layers[1].entries) == 1 and plan.position_mode is PositionMode.PROMPT
 loaded = [m for m, mod in sys.modules.items() if m.split(".")[0] == "vllm" and mod is not None]
 assert not loaded, loaded
 print("ok")
@@ -108,7 +108,7 @@ def test_v1_batch_updates_assign_and_free_slots(
     assert steered > 0 and slots.row_slot[1] == 0
     dec = ws.catalog.rows("s").feature(2)[3]
     assert torch.allclose(ws.tables[1].add[steered], 3.0 * dec)
-    assert int(ws.slot_prompt_len[steered]) == 3
+    assert int(ws.shared_buffers().slot_prompt_len[steered]) == 3
     tracker.update_state(_update(moved=[(0, 1, MoveDirectionality.SWAP)]))
     assert slots.row_slot[1] == steered and slots.row_slot[0] == 0
     tracker.update_state(_update(removed=[1]))
@@ -130,10 +130,10 @@ def test_v2_request_slots_fill_the_token_map(tmp_path: Path) -> None:
         num_tokens=4,
     )
     slots.fill(batch)
-    assert ws.tok_slot[:5].tolist() == [0, 3, 3, 3, 0]
+    assert ws.shared_buffers().tok_slot[:5].tolist() == [0, 3, 3, 3, 0]
     slots.remove("a")
     slots.fill(batch)
-    assert not ws.tok_slot.any()
+    assert not ws.shared_buffers().tok_slot.any()
 
 
 def test_v2_row_reuse_and_preempted_resumption(tmp_path: Path) -> None:
@@ -152,11 +152,13 @@ def test_v2_row_reuse_and_preempted_resumption(tmp_path: Path) -> None:
     slots.remove("a")
     slots.add(2, "c", _params(-4.0), prompt_len=7)
     assert torch.allclose(ws.tables[1].add[3], -4.0 * dec), "row 2's slot kept a's vector"
-    assert int(ws.slot_prompt_len[3]) == 7
+    assert int(ws.shared_buffers().slot_prompt_len[3]) == 7
     # "a" resumes after preemption as a new request in row 0, prompt_len unchanged
     slots.add(0, "a", _params(1.5), prompt_len=5)
     assert torch.allclose(ws.tables[1].add[1], 1.5 * dec)
-    assert int(ws.slot_prompt_len[1]) == 5, "a resumed request must keep its prompt/generated split"
+    assert int(ws.shared_buffers().slot_prompt_len[1]) == 5, (
+        "a resumed request must keep its prompt/generated split"
+    )
     batch = SimpleNamespace(
         num_reqs=2,
         idx_mapping_np=np.array([2, 0]),  # batch order is not row order
@@ -164,8 +166,8 @@ def test_v2_row_reuse_and_preempted_resumption(tmp_path: Path) -> None:
         num_tokens=3,
     )
     slots.fill(batch)
-    assert ws.tok_slot[:3].tolist() == [3, 3, 1]
+    assert ws.shared_buffers().tok_slot[:3].tolist() == [3, 3, 1]
     # an unsteered request added into a row whose previous owner was never removed is unsteered
     slots.add(2, "d", _params(None), prompt_len=1)
     slots.fill(batch)
-    assert ws.tok_slot[:3].tolist() == [0, 0, 1]
+    assert ws.shared_buffers().tok_slot[:3].tolist() == [0, 0, 1]

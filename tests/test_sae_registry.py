@@ -26,7 +26,7 @@ def test_listing_says_what_each_sae_accepts(tmp_path: Path) -> None:
     listing = SAEList.model_validate_json(cat.listing().model_dump_json())  # the wire round trip
     std, tk = listing.by_name()["std"], listing.by_name()["tk"]
     assert (std.layer, std.d_in, std.d_sae, std.architecture) == (2, D, 64, "standard")
-    assert std.modes == ["clamp", "add"] and std.has_statistics
+    assert std.modes == ["clamp", "add", "scale"] and std.has_statistics
     assert tk.modes == ["add"] and not tk.has_statistics  # TopK: add only
     assert std.positions == ["all", "prompt", "generated"]
     assert listing.limits.max_interventions == 4 and listing.limits.max_clamp_per_layer == 2
@@ -53,7 +53,7 @@ def test_runtime_sae_needs_a_layer_with_tables(tmp_path: Path) -> None:
     random_sae(tmp_path / "l6", d_in=D, d_sae=16, layer=6, architecture="jumprelu")
     info = cat.read_runtime_sae("l6", tmp_path / "l6")
     cat.add(info)
-    assert cat.listing().by_name()["l6"].modes == ["clamp", "add"]
+    assert cat.listing().by_name()["l6"].modes == ["clamp", "add", "scale"]
     assert cat.listing().by_name()["l6"].runtime
     cat.remove("l6")
     assert "l6" not in cat.listing().by_name()
@@ -207,7 +207,7 @@ def test_server_lists_registers_steers_and_deletes(steer_server: Any) -> None:
     assert status == 200, body
     listing = SAEList.model_validate(body)
     names = listing.by_name()
-    assert names[steer_server.sae_name].modes == ["clamp", "add"]
+    assert names[steer_server.sae_name].modes == ["clamp", "add", "scale"]
     assert names[steer_server.topk_sae_name].modes == ["add"]
     assert listing.limits.max_interventions == steer_server.max_interventions
     assert listing.runtime_updates.enabled and 6 in listing.runtime_updates.layers

@@ -102,7 +102,7 @@ def test_register_steer_and_delete(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     r = _chat(client, "new")
     assert r.status_code == 200 and r.json()["cache_salt"].startswith("steer-")  # admitted
     plans = [ws.plan_for(SimpleNamespace(extra_args=r.json()["vllm_xargs"])) for ws in client.ranks]
-    assert all(p is not None and len(p.layers[6].clamps) == 1 for p in plans)
+    assert all(p is not None and len(p.layers[6].entries) == 1 for p in plans)
 
     assert client.post("/v1/saes", json={"name": "new", "path": "saes/new"}).status_code == 409
     r = client.delete("/v1/saes/new")

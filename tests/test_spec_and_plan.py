@@ -80,13 +80,13 @@ def test_catalog_layers(catalog: SAECatalog) -> None:
             [{"sae": "std", "feature": i, "value": 1.0, "mode": "add"} for i in range(5)],
             "limit of 4",
         ),
-        ([{"sae": "std", "feature": i, "value": 1.0} for i in range(3)], "more than 2 clamped"),
+        ([{"sae": "std", "feature": i, "value": 1.0} for i in range(3)], "more than 2 clamp"),
         (
             [
                 {"sae": "std", "feature": 1, "value": 1.0},
                 {"sae": "std", "feature": 1, "value": 2.0},
             ],
-            "clamped twice",
+            "already steered",
         ),
         ([{"layer": 3, "vector": [0.0] * 32}], "does not accept vectors"),
         (
@@ -115,7 +115,7 @@ def test_plan_math_matches_sae(catalog: SAECatalog) -> None:
     )
     plan = plan_spec(spec, catalog)
     sae_jr = SAE.load(catalog.saes["jr"].path)
-    row = plan.layers[3].clamps[0]
+    row = plan.layers[3].entries[0]
     max_act = catalog.saes["jr"].max_activation
     assert max_act is not None
     assert row.target == pytest.approx(2.0 * float(max_act[7]))

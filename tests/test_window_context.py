@@ -257,9 +257,9 @@ def test_request_unit_quantile_round_trips_and_is_applied(tmp_path: Path) -> Non
         PluginConfig(saes={"s": str(new), "o": str(old)}), num_layers=3, d_model=16
     )
     plan = plan_spec(spec, cat)
-    assert plan.layers[1].clamps[0].target == pytest.approx(2.0 * float(qunit[5]))
+    assert plan.layers[1].entries[0].target == pytest.approx(2.0 * float(qunit[5]))
     plan = plan_spec(default, cat)
-    assert plan.layers[1].clamps[0].target == pytest.approx(2.0 * float(units["max"][5]))
+    assert plan.layers[1].entries[0].target == pytest.approx(2.0 * float(units["max"][5]))
     old_spec = SteeringSpec.from_obj(
         {"interventions": [{"sae": "o", "feature": 1, "strength": 1, "unit": "quantile"}]}
     )
