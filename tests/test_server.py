@@ -153,6 +153,68 @@ BAD_SPECS: list[tuple[str, Any, str]] = [
         "share a site",
     ),
     ("not an object", [1, 2, 3], "JSON object"),
+    # conditional steering (issue 15); the default model has no single-token think markers
+    (
+        "thinking without think markers",
+        {
+            "interventions": [{"sae": "test-sae", "feature": 1, "value": 1.0}],
+            "positions": "thinking",
+        },
+        "needs the model's think markers",
+    ),
+    (
+        "answer without think markers",
+        {"interventions": [{"sae": "test-sae", "feature": 1, "value": 1.0, "positions": "answer"}]},
+        "needs the model's think markers",
+    ),
+    (
+        "unknown intervention positions",
+        {"interventions": [{"sae": "test-sae", "feature": 1, "value": 1.0, "positions": "end"}]},
+        "positions",
+    ),
+    (
+        "window start > stop",
+        {"interventions": [{"sae": "test-sae", "feature": 1, "value": 1.0, "window": [5, 2]}]},
+        "start must be < stop",
+    ),
+    (
+        "condition feature out of range",
+        {
+            "interventions": [
+                {
+                    "sae": "test-sae",
+                    "feature": 1,
+                    "value": 1.0,
+                    "when": {"sae": "test-sae", "feature": 1024, "above": 0.0},
+                }
+            ]
+        },
+        "when.feature: feature 1024 out of range",
+    ),
+    (
+        "condition on another layer",
+        {
+            "interventions": [
+                {
+                    "sae": "test-sae",
+                    "feature": 1,
+                    "value": 1.0,
+                    "when": {"sae": "jr-sae", "feature": 3, "above": 0.0},
+                }
+            ]
+        },
+        "must read the same layer",
+    ),
+    (
+        "scale on topk",
+        {"interventions": [{"sae": "topk-sae", "feature": 1, "mode": "scale", "factor": 2.0}]},
+        "TopK",
+    ),
+    (
+        "scale without factor",
+        {"interventions": [{"sae": "test-sae", "feature": 1, "mode": "scale", "value": 2.0}]},
+        "needs 'factor'",
+    ),
 ]
 
 
