@@ -32,7 +32,7 @@ from benchmarks.sweep import BASELINE, SpecFileError, SpecMap, grid_specs, load_
 from sae_steer_vllm.command import CommandConfig, add_model_options, model_from_args, run_command
 from sae_steer_vllm.constants import SAMPLES_FILE
 from sae_steer_vllm.errors import UsageError
-from sae_steer_vllm.spec import FeatureIntervention, Mode, ReadoutSpec
+from sae_steer_vllm.spec import FeatureIntervention, Mode, Positions, ReadoutSpec
 
 PROG = "sae-steer eval"
 
@@ -128,8 +128,9 @@ class EvalConfig(CommandConfig):
     """comma list of strengths (x the feature's max activation)"""
     modes: CommaList[str] = ["clamp"]
     """comma list of clamp,add"""
-    positions: Literal["all", "prompt", "generated"] = "all"
-    """token positions steered (all, as the paper)"""
+    positions: Positions = "all"
+    """token positions steered: all (as the paper), prompt, generated, or the reasoning phases
+    thinking / answer (the server must have think markers: docs/conditional_steering.md)"""
     specs_file: Path | None = None
     """JSON/JSONL of named specs: {"name": "x", "spec": {"interventions": [...]}}"""
     baseline: bool = True

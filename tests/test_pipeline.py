@@ -236,7 +236,11 @@ def test_demo_pipeline_tiny_end_to_end(
 
         lines = (out / "study" / "samples.jsonl").read_text().splitlines()
         recs = [json.loads(x) for x in lines]
-        assert len(recs) == 4 * (1 + 2 * 3)  # 4 problems x (baseline + 1 top + 1 random x 3)
+        # 4 problems x (baseline + 1 top + 1 random x 3), + thinking-only and answer-only arms
+        # when the server has think markers (the suite's server has none: they are skipped)
+        scope = {r["spec_name"] for r in recs if r["spec_name"].startswith("top1-")}
+        assert len(scope) in (0, 2)
+        assert len(recs) == 4 * (1 + 2 * 3 + len(scope))
         assert all(r["error"] is None for r in recs), [r["error"] for r in recs if r["error"]]
         # every steered sample steered the freshly trained SAE, not one the server started with
         assert {json.loads(r["spec"])["interventions"][0]["sae"] for r in recs if r["spec"]} == {
@@ -257,6 +261,10 @@ def test_demo_pipeline_tiny_end_to_end(
         text = report.read_text()
         assert "How steering one feature moves the others" in text
         assert "## Results" in text and "One completion, unsteered and steered" in text
+        if scope:
+            assert "## Where to steer: all vs thinking vs answer" in text
+        else:
+            assert "the scope arms (thinking / answer only) were skipped" in text
         imgs = [ln.split("](", 1)[1].rstrip(")") for ln in text.splitlines() if ln.startswith("![")]
         assert len(imgs) >= 2
         for rel in imgs:

@@ -7,8 +7,9 @@ the matching command calls (``train``, ``score``, ``serve``, ``eval``'s sweep).
 Modules, in the order a run goes through them: :mod:`~benchmarks.demo.config` (options),
 :mod:`~benchmarks.demo.state` (``steps.json``), :mod:`~benchmarks.demo.steps` (model,
 SAE, ReasonScore), :mod:`~benchmarks.demo.server` (the background server),
-:mod:`~benchmarks.demo.study` (design and analysis), :mod:`~benchmarks.demo.study_report`
-(plots and report), :mod:`~benchmarks.demo.report` (terminal output),
+:mod:`~benchmarks.demo.study` (design and analysis), :mod:`~benchmarks.demo.scope` and
+:mod:`~benchmarks.demo.scope_report` (where to steer: all vs thinking vs answer),
+:mod:`~benchmarks.demo.study_report` (plots and report), :mod:`~benchmarks.demo.report` (terminal output),
 :mod:`~benchmarks.demo.run` (the six steps) and :mod:`~benchmarks.demo.cli`.
 """
 

@@ -51,8 +51,19 @@ GROUPS = {
         "seed",
         "concurrency",
         "watch_top",
+        "scope_arms",
+        "scope_strength",
     ),
-    "server": ("base_url", "sae_name", "host", "port", "vllm_args", "server_timeout"),
+    "server": (
+        "base_url",
+        "sae_name",
+        "host",
+        "port",
+        "vllm_args",
+        "server_timeout",
+        "think_start_marker",
+        "think_end_marker",
+    ),
 }
 
 

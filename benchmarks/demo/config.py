@@ -83,6 +83,20 @@ class DemoConfig(CommandConfig):
     watch_top: int = Field(default=5, ge=0, le=64)
     """top ReasonScore features every study request reads during generation (the demo's
     server runs with --readout); the report shows how each arm moved them. 0: no readout"""
+    scope_arms: bool = True
+    """where-to-steer arms: the top feature at --scope-strength steered at every position,
+    only while thinking and only in the answer (--no-scope-arms: none); needs a server with
+    think markers (skipped, with a note, on one without)"""
+    scope_strength: float = Field(default=2.0, gt=0)
+    """strength of the scope arms (x max activation); the top-1 arm at this strength, when
+    the study has one, is their `all` arm"""
+    think_start_marker: str = ""
+    """the demo server's --think-start-marker: "" = the reasoning starts with the first
+    generated token (SmolLM2 has no <think> token)"""
+    think_end_marker: str = " answer"
+    """the demo server's --think-end-marker, one token of the model: SmolLM2 has no </think>,
+    so the demo ends the "thinking" at its first ` answer` token (as in "So, the answer is
+    5."; it never writes the \\boxed the prompt asks for; docs/demo.md, "Where to steer")"""
     # --- server
     base_url: str | None = None
     """use this running server (.../v1) instead of starting one; it must serve the SAE

@@ -71,6 +71,7 @@ def study_key(
     stats_path: Path,
     design: StudyDesign,
     readout: ReadoutSpec | None = None,
+    think_end_id: int | None = None,
 ) -> str:
     """What gives the logged samples their meaning beyond their own keys.
 
@@ -80,7 +81,9 @@ def study_key(
     the names fingerprint the folder: changing the number of prompts or features keeps every
     sample that still applies (the problem subset is a prefix of one seeded shuffle). The
     readout's watch list is in too: samples read with another list (or none) cannot fill the
-    readout table, and the sweep's ``config.json`` would refuse them anyway.
+    readout table, and the sweep's ``config.json`` would refuse them anyway. So is the end
+    marker's id: it decides what every sample's ``has_think_end`` and ``reasoning_tokens``
+    mean (and is in ``config.json`` too).
     """
     key: dict[str, Any] = {
         "sae": file_digest(sae_dir / SAELENS_WEIGHTS),
@@ -90,7 +93,46 @@ def study_key(
     }
     if readout is not None:  # absent without one: studies run before readout stay cached
         key["readout"] = readout.model_dump(mode="json")
+    if think_end_id is not None:  # absent without one: studies run before phases stay cached
+        key["think_end_id"] = think_end_id
     return json_digest(key)
+
+
+@dataclass(frozen=True)
+class Phases:
+    """The server's think markers as the study uses them (from its ``GET /v1/saes``)."""
+
+    start: str
+    end: str
+    end_id: int
+
+
+def study_phases(cfg: DemoConfig, base_url: str) -> tuple[Phases | None, str | None]:
+    """(the server's think markers, or None; a note saying why the scope arms cannot run).
+
+    The markers are the server's, not the config's: a ``--base-url`` server may use others.
+    """
+    from benchmarks.client import fetch_sae_list, make_client
+
+    async def listing() -> tuple[Any, list[str]]:
+        client = make_client(base_url, timeout_s=60)
+        notes: list[str] = []
+        try:
+            return await fetch_sae_list(client, notice=notes.append), notes
+        finally:
+            await client.close()
+
+    found, notes = asyncio.run(listing())
+    if found is None:
+        return None, f"the scope arms were skipped: {notes[0] if notes else 'no server listing'}"
+    tm = found.model.think_markers
+    if tm is None:
+        return None, (
+            "the scope arms (thinking / answer only) were skipped: the server has no think "
+            "markers (start it with `--think-start-marker '' --think-end-marker ' answer'`, "
+            "as the demo's own server is, docs/demo.md)"
+        )
+    return Phases(tm.start or "", tm.end, tm.end_id), None
 
 
 def study_readout(cfg: DemoConfig, base_url: str, table: dict[str, Any]) -> ReadoutSpec | None:
@@ -162,7 +204,25 @@ def step_study(
     mode, notes = resolve_mode(cfg.mode, sae_dir)
     for n in notes:
         say(f"note: {n}")
-    design = make_design(cfg.sae_name, top, rand, cfg.strengths, mode)
+    phases, why = study_phases(cfg, base_url)
+    if why and cfg.scope_arms:
+        say(f"note: {why}")
+        notes.append(why)
+    design = make_design(
+        cfg.sae_name,
+        top,
+        rand,
+        cfg.strengths,
+        mode,
+        scope_strength=cfg.scope_strength if cfg.scope_arms and phases else None,
+        think_markers=(phases.start, phases.end) if phases else ("", ""),
+    )
+    if phases is not None:
+        notes.append(
+            f"The server's end-of-thinking marker is `{phases.end}` (token {phases.end_id}): "
+            "every sample's thinking length, and the harness summary's *reasoning tokens* and "
+            "`</think>` columns, count the tokens before its first occurrence."
+        )
     specs = design.specs()
     readout = study_readout(cfg, base_url, table)
     loaded = load_problems(cfg.dataset)
@@ -172,14 +232,21 @@ def step_study(
     if len(problems) < cfg.n_prompts:
         say(f"warning: {cfg.dataset} has only {len(problems)} usable problems")
     study_dir = root / "study"
-    key = study_key(cfg, sae_dir, stats_path, design, readout)
+    end_id = phases.end_id if phases else None
+    key = study_key(cfg, sae_dir, stats_path, design, readout, end_id)
     if state.key("study") != key and study_dir.exists():
         say("the SAE, statistics or study settings changed: starting the study afresh")
         shutil.rmtree(study_dir)
     say(
         f"{len(problems)} {loaded.name} problems x {len(specs)} arms = "
         f"{len(problems) * len(specs)} requests (top features {top}, random {rand}, "
-        f"strengths {cfg.strengths}, {mode}); max_tokens={cfg.max_tokens}, "
+        f"strengths {cfg.strengths}, {mode}"
+        + (
+            f"; feature {top[0]} at {cfg.scope_strength:g} also thinking / answer only"
+            if design.scope
+            else ""
+        )
+        + f"); max_tokens={cfg.max_tokens}, "
         f"temperature={cfg.temperature:g}"
         + (f"; every request reads features {readout.saes[0].features}" if readout else "")
     )
@@ -202,6 +269,9 @@ def step_study(
         concurrency=cfg.concurrency,
         resume=True,
         readout=readout,
+        # the server's end marker counts the thinking (exact, from the token ids); without
+        # one, the sweep's default (asks the server for `</think>`)
+        think_end_id=end_id if end_id is not None else "auto",
     )
     if res.spec_errors:
         msgs = "; ".join(f"{n}: {m}" for n, m in list(res.spec_errors.items())[:3])

@@ -85,6 +85,11 @@ def serve_command(cfg: DemoConfig, sae_dir: Path, model: Path, port: int) -> lis
         "--port",
         str(port),
         *(["--readout"] if cfg.watch_top else []),
+        # the phases of `positions: thinking / answer` (the study's scope arms)
+        "--think-start-marker",
+        cfg.think_start_marker,
+        "--think-end-marker",
+        cfg.think_end_marker,
         *cfg.vllm_args,
     ]
 
@@ -153,6 +158,7 @@ def step_server(
             "name": cfg.sae_name,
             "args": cfg.vllm_args,
             **({"readout": True} if cfg.watch_top else {}),
+            "think_markers": [cfg.think_start_marker, cfg.think_end_marker],
         }
     )
     rec = reusable(root, key)

@@ -15,6 +15,8 @@ Design (why each choice):
 * the three measures: response length (completion tokens from the server), reasoning-word
   rate (the ReasonScore vocabulary per 100 completion tokens, as the eval harness counts
   it) and accuracy (the harness's grader).
+* where to steer: optionally the top-1 feature at one strength also steered only while
+  thinking and only in the answer (:mod:`benchmarks.demo.scope`, its own analysis).
 
 Everything here is computed from the sweep's sample records, so the report can be rebuilt
 from ``samples.jsonl`` without re-running generation.
@@ -29,6 +31,13 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.demo.scope import (
+    ScopeAnalysis,
+    ScopeDesign,
+    analyse_scope,
+    make_scope,
+    scope_specs,
+)
 from benchmarks.metrics import CI, Estimate, bootstrap_mean, paired_bootstrap
 from benchmarks.results import SampleRecord
 from benchmarks.sweep import BASELINE, SpecMap, grid_name
@@ -63,15 +72,20 @@ class StudyDesign:
     strengths: list[float]
     mode: Mode
     arms: list[Arm] = field(default_factory=list)
+    scope: ScopeDesign | None = None
+    """The where-to-steer arms (all / thinking / answer), when the study runs them."""
 
     def specs(self) -> SpecMap:
-        """Baseline first, then every arm (the sweep runs them in this order)."""
+        """Baseline first, then every arm, then the scope arms (the sweep runs them in
+        this order)."""
         out: SpecMap = {BASELINE: None}
         for a in self.arms:
             iv = FeatureIntervention(
                 sae=self.sae_name, feature=a.feature, strength=a.strength, mode=self.mode
             )
             out[a.name] = SteeringSpec(interventions=[iv])
+        if self.scope is not None:
+            out.update(scope_specs(self.scope, self.sae_name, self.mode, out))
         return out
 
 
@@ -94,13 +108,32 @@ def make_design(
     random_features: Sequence[int],
     strengths: Sequence[float],
     mode: Mode = "clamp",
+    *,
+    scope_strength: float | None = None,
+    think_markers: tuple[str, str] = ("", ""),
 ) -> StudyDesign:
+    """The arms; with ``scope_strength``, also the top-1 feature at that strength steered
+    only while thinking and only in the answer (``think_markers`` = the server's start and
+    end marker, for the report), reusing the top-1 arm at that strength as ``all``."""
     d = StudyDesign(sae_name, list(top), list(random_features), list(strengths), mode)
     for group, feats in (("top", d.top), ("random", d.random)):
         for slot, f in enumerate(feats, 1):
             for s in d.strengths:
                 name = grid_name(f, s, mode, f"{group}{slot}")
                 d.arms.append(Arm(name, group, slot, f, float(s)))
+    if scope_strength is not None and d.top:
+        reuse = next(
+            (
+                a.name
+                for a in d.arms
+                if a.group == "top" and a.slot == 1 and a.strength == scope_strength
+            ),
+            None,
+        )
+        start, end = think_markers
+        d.scope = make_scope(
+            d.top[0], scope_strength, mode, start_marker=start, end_marker=end, all_arm=reuse
+        )
     return d
 
 
@@ -134,6 +167,7 @@ class StudyAnalysis:
     per_arm: list[dict[str, Any]]
     n_problems: int
     n_errors: int
+    scope: ScopeAnalysis | None = None
 
 
 def _per_problem(recs: Sequence[SampleRecord]) -> dict[str, dict[str, float]]:
@@ -237,4 +271,5 @@ def analyse(design: StudyDesign, records: Sequence[SampleRecord], seed: int = 0)
         per_arm=per_arm,
         n_problems=len(base_pp),
         n_errors=sum(1 for r in records if not r.ok),
+        scope=analyse_scope(design.scope, records, seed) if design.scope else None,
     )

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.demo.scope_report import plot_scope, scope_section
 from benchmarks.demo.study import (
     GROUPS,
     METRIC_LABELS,
@@ -32,7 +33,8 @@ from sae_steer_vllm.files import atomic_write
 
 # ------------------------------------------------------------------ plots
 def plot_study(design: StudyDesign, an: StudyAnalysis, out_dir: Path) -> list[Path]:
-    """``study_metrics.png`` (pooled groups with CIs) and ``study_per_feature.png``."""
+    """``study_metrics.png`` (pooled groups with CIs), ``study_per_feature.png`` and, with
+    scope arms, ``study_scope.png``."""
     # Figure objects, not pyplot: no global backend switch, no figure registry to close
     from matplotlib.figure import Figure
 
@@ -106,6 +108,8 @@ def plot_study(design: StudyDesign, an: StudyAnalysis, out_dir: Path) -> list[Pa
     p = out_dir / "study_per_feature.png"
     fig.savefig(p, dpi=110)
     paths.append(p)
+    if an.scope is not None:
+        paths.append(plot_scope(an.scope, out_dir))
     return paths
 
 
@@ -311,6 +315,9 @@ def write_study_report(
             f"{_verdict(rnd.vs_baseline.get('accuracy'))}."
         )
     L += readout_section(design, records)
+    scope_plot = next((p for p in plots if p.stem == "study_scope"), None)
+    if an.scope is not None:
+        L += scope_section(an.scope, design.mode, scope_plot, path.parent)
     L += [
         "",
         f"Caveats, stated plainly: `{ctx.model}` is a 135M-parameter chat model, not a "
@@ -328,6 +335,8 @@ def write_study_report(
         "",
     ]
     for p in plots:
+        if p == scope_plot and an.scope is not None:
+            continue  # shown in its own section
         rel = p.relative_to(path.parent) if p.is_relative_to(path.parent) else p
         L.append(f"![{p.stem}]({rel.as_posix()})")
         L.append("")
