@@ -147,27 +147,73 @@ def make_r1_tokenizer(folder: Path, *, opens_think: bool, tokenizer: Any = None)
 
 
 def make_tiny_r1_llama(
-    folder: Path, *, opens_think: bool, layers: int = 3, hidden: int = 64, seed: int = 0
+    folder: Path,
+    *,
+    opens_think: bool,
+    layers: int = 3,
+    hidden: int = 64,
+    seed: int = 0,
+    weight_std: float | None = None,
 ) -> Path:
     """A tiny random Llama (:func:`~helpers.models.tiny_causal_lm`) whose vocabulary covers
     the stand-in tokenizer, which it carries; BOS/EOS/pad ids in its config are R1's.
 
     ``layers`` x ``hidden`` default to 3 x 64 so :func:`helpers.saes.make_sae` (d_in 64,
     layer 1) fits. An existing finished folder is reused (its tokenizer rewritten if it
-    carries the other template revision).
+    carries the other template revision). ``weight_std``: as in ``tiny_causal_lm`` (outputs
+    that vary from token to token, for generation tests).
     """
     from transformers import LlamaForCausalLM
 
+    return _with_r1_vocab(
+        folder,
+        LlamaForCausalLM,
+        opens_think=opens_think,
+        seed=seed,
+        build=lambda: tiny_causal_lm(
+            folder, layers=layers, hidden=hidden, seed=seed, weight_std=weight_std
+        ),
+    )
+
+
+def make_tiny_r1_qwen2(folder: Path, *, opens_think: bool, seed: int = 0) -> Path:
+    """:func:`~helpers.models.make_tiny_qwen2`'s shape (4 x 128, untied head, weights drawn
+    with std 0.08) with the stand-in R1 vocabulary and tokenizer, as :func:`make_tiny_r1_llama`."""
+    from transformers import Qwen2ForCausalLM
+
+    return _with_r1_vocab(
+        folder,
+        Qwen2ForCausalLM,
+        opens_think=opens_think,
+        seed=seed,
+        build=lambda: tiny_causal_lm(
+            folder,
+            "qwen2",
+            layers=4,
+            hidden=128,
+            max_positions=2048,
+            tie_embeddings=False,
+            seed=seed,
+            weight_std=0.08,
+        ),
+    )
+
+
+def _with_r1_vocab(
+    folder: Path, model_cls: Any, *, opens_think: bool, seed: int, build: Any
+) -> Path:
+    """Build the model (``build()``), then grow its vocabulary to the stand-in tokenizer's:
+    the new embedding rows (and, when untied, head rows) drawn from the old rows' spread."""
     marker = folder / _MARKER
     if marker.is_file():
         if json.loads(marker.read_text())["opens_think"] != opens_think:  # same vocabulary
             make_r1_tokenizer(folder, opens_think=opens_think)
             marker.write_text(json.dumps({"opens_think": opens_think}) + "\n")
         return folder
-    tiny_causal_lm(folder, layers=layers, hidden=hidden, seed=seed)
+    build()
     tok = r1_tokenizer(opens_think=opens_think)
     make_r1_tokenizer(folder, opens_think=opens_think, tokenizer=tok)
-    model = LlamaForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    model = model_cls.from_pretrained(str(folder), dtype=torch.float32)
     old = model.get_input_embeddings().weight.shape[0]
     model.resize_token_embeddings(len(tok), mean_resizing=False)
     g = torch.Generator().manual_seed(seed + 1)
@@ -175,6 +221,10 @@ def make_tiny_r1_llama(
         emb = model.get_input_embeddings().weight
         std = float(emb[:old].std())
         emb[old:] = torch.randn(emb.shape[0] - old, emb.shape[1], generator=g) * std
+        head = model.get_output_embeddings().weight
+        if head.data_ptr() != emb.data_ptr():  # untied: its new rows too, deterministically
+            std = float(head[:old].std())
+            head[old:] = torch.randn(head.shape[0] - old, head.shape[1], generator=g) * std
     ids = {
         "bos_token_id": tok.bos_token_id,
         "eos_token_id": tok.eos_token_id,
