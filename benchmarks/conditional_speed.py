@@ -25,7 +25,8 @@ span *and* an answer, and requests change phase in the middle of decoding while 
 the batch are still thinking. A newline (id 198) first comes 16-93 tokens in, so most 64-token
 requests would never leave the thinking phase. After the rounds, a phase check sends each
 prompt once more with the thinking spec, non-streamed with ``return_token_ids``, and reports
-where the end marker fell. Usage (about 12-15 minutes on an idle 2-core machine):
+where the end marker fell. Usage (1-3 minutes of server start-up, then 3 rounds of 10 cells;
+the one run so far, with other jobs on the 2 cores, took 32 minutes):
 
     .venv/bin/python -m benchmarks.conditional_speed --out results/conditional_speed.json
 """
