@@ -107,11 +107,8 @@ class Phases:
     end_id: int
 
 
-def study_phases(cfg: DemoConfig, base_url: str) -> tuple[Phases | None, str | None]:
-    """(the server's think markers, or None; a note saying why the scope arms cannot run).
-
-    The markers are the server's, not the config's: a ``--base-url`` server may use others.
-    """
+def _server_listing(base_url: str) -> tuple[Any, list[str]]:
+    """The server's ``GET /v1/saes`` (None when it has none) and notes on why not."""
     from benchmarks.client import fetch_sae_list, make_client
 
     async def listing() -> tuple[Any, list[str]]:
@@ -122,7 +119,15 @@ def study_phases(cfg: DemoConfig, base_url: str) -> tuple[Phases | None, str | N
         finally:
             await client.close()
 
-    found, notes = asyncio.run(listing())
+    return asyncio.run(listing())
+
+
+def study_phases(cfg: DemoConfig, base_url: str) -> tuple[Phases | None, str | None]:
+    """(the server's think markers, or None; a note saying why the scope arms cannot run).
+
+    The markers are the server's, not the config's: a ``--base-url`` server may use others.
+    """
+    found, notes = _server_listing(base_url)
     if found is None:
         return None, f"the scope arms were skipped: {notes[0] if notes else 'no server listing'}"
     tm = found.model.think_markers
@@ -140,18 +145,9 @@ def study_readout(cfg: DemoConfig, base_url: str, table: dict[str, Any]) -> Read
     server can read them (its ``GET /v1/saes``); None, with a note, when it cannot."""
     if not cfg.watch_top:
         return None
-    from benchmarks.client import fetch_sae_list, make_client
     from benchmarks.readout import check_readout, readout_request
 
-    async def listing() -> tuple[Any, list[str]]:
-        client = make_client(base_url, timeout_s=60)
-        notes: list[str] = []
-        try:
-            return await fetch_sae_list(client, notice=notes.append), notes
-        finally:
-            await client.close()
-
-    found, notes = asyncio.run(listing())
+    found, notes = _server_listing(base_url)
     limits = found.limits.readout if found is not None else None
     cap = limits.max_watch if limits is not None and limits.enabled else cfg.watch_top
     watch = [int(r["feature"]) for r in table["features"][: min(cfg.watch_top, cap)]]

@@ -7,8 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.demo.report_format import fmt_ci as _ci
+from benchmarks.demo.report_format import fmt_est as _est
+from benchmarks.demo.report_format import fmt_num as _num
+from benchmarks.demo.report_format import verdict as _verdict
 from benchmarks.demo.scope import SCOPE_LABELS, ScopeAnalysis, ScopeResult
-from benchmarks.metrics import CI, Estimate
 
 PLOT_METRICS = ("tokens", "thinking_tokens", "answered", "marker")
 SCOPE_NAMES = {
@@ -46,31 +49,6 @@ def plot_scope(an: ScopeAnalysis, out_dir: Path) -> Path:
     p = out_dir / "study_scope.png"
     fig.savefig(p, dpi=110)
     return p
-
-
-def _num(x: float, digits: int) -> str:
-    return "–" if x != x else f"{x:.{digits}f}"
-
-
-def _est(e: Estimate, digits: int) -> str:
-    return f"{_num(e.mean, digits)} [{_num(e.lo, digits)}, {_num(e.hi, digits)}]"
-
-
-def _ci(c: CI | None, digits: int) -> str:
-    if c is None:
-        return "–"
-    sign = "+" if c.diff >= 0 else ""
-    return f"{sign}{c.diff:.{digits}f} [{c.lo:.{digits}f}, {c.hi:.{digits}f}]"
-
-
-def _verdict(c: CI | None) -> str:
-    if c is None:
-        return "not measured"
-    if c.lo > 0:
-        return "higher (95% CI excludes 0)"
-    if c.hi < 0:
-        return "lower (95% CI excludes 0)"
-    return "no detectable difference (95% CI includes 0)"
 
 
 # metric, digits, whether the row shows a Δ column

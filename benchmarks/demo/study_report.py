@@ -14,17 +14,19 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.demo.report_format import fmt_ci as _ci
+from benchmarks.demo.report_format import fmt_est as _est
+from benchmarks.demo.report_format import fmt_num as _num
+from benchmarks.demo.report_format import verdict as _verdict
 from benchmarks.demo.scope_report import plot_scope, scope_section
 from benchmarks.demo.study import (
     GROUPS,
     METRIC_LABELS,
     METRICS,
-    Estimate,
     GroupResult,
     StudyAnalysis,
     StudyDesign,
 )
-from benchmarks.metrics import CI
 from benchmarks.readout import READOUT_NOTE, readout_markdown, readout_table
 from benchmarks.results import SampleRecord
 from benchmarks.sweep import BASELINE
@@ -114,29 +116,6 @@ def plot_study(design: StudyDesign, an: StudyAnalysis, out_dir: Path) -> list[Pa
 
 
 # ------------------------------------------------------------------ report
-def _num(x: float, digits: int = 1) -> str:
-    return "–" if x != x else f"{x:.{digits}f}"
-
-
-def _est(e: Estimate, digits: int = 1) -> str:
-    return f"{_num(e.mean, digits)} [{_num(e.lo, digits)}, {_num(e.hi, digits)}]"
-
-
-def _ci(c: CI | None, digits: int = 1) -> str:
-    if c is None:
-        return "–"
-    sign = "+" if c.diff >= 0 else ""
-    return f"{sign}{c.diff:.{digits}f} [{c.lo:.{digits}f}, {c.hi:.{digits}f}]"
-
-
-def _verdict(c: CI | None) -> str:
-    if c is None:
-        return "not measured"
-    if c.lo > 0:
-        return "higher (95% CI excludes 0)"
-    if c.hi < 0:
-        return "lower (95% CI excludes 0)"
-    return "no detectable difference (95% CI includes 0)"
 
 
 def side_by_side(
