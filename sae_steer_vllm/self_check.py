@@ -13,6 +13,7 @@ Standard library only: it runs in the lean supervisor (:mod:`.serve_launch`).
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
 from typing import Any
@@ -21,6 +22,10 @@ from .errors import SaeSteerError
 
 PROMPT = "The quick brown fox jumps over the lazy dog because"
 SCALE = 64.0
+LISTEN_WAIT_S = 60.0
+"""How long a refused connection is retried: uvicorn logs "Application startup complete"
+(the supervisor's cue) before it calls ``listen()`` on the socket vLLM bound early, so on a
+loaded machine the first request can arrive while the port refuses connections."""
 
 
 class SelfCheckError(SaeSteerError, RuntimeError):
@@ -42,7 +47,10 @@ def _call(
         detail = e.read().decode(errors="replace")[:300]
         raise SelfCheckError(f"{path} answered HTTP {e.code}: {detail}") from None
     except (OSError, ValueError) as e:
-        raise SelfCheckError(f"{path} failed: {e}") from None
+        refused = isinstance(getattr(e, "reason", e), ConnectionRefusedError)
+        raise SelfCheckError(f"{path} failed: {e}") from (
+            ConnectionRefusedError() if refused else None
+        )
 
 
 def _prompt_logprobs(choice: dict[str, Any]) -> list[float]:
@@ -58,7 +66,15 @@ def check_steering_live(
 ) -> str:
     """Raise :class:`SelfCheckError` unless a steered forward differs from an unsteered one;
     return a one-line description of what was checked."""
-    saes = _call(root_url, "/v1/saes", None, api_key, timeout)
+    deadline = time.monotonic() + LISTEN_WAIT_S
+    while True:
+        try:
+            saes = _call(root_url, "/v1/saes", None, api_key, timeout)
+            break
+        except SelfCheckError as e:
+            if not isinstance(e.__cause__, ConnectionRefusedError) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
     layers = saes.get("limits", {}).get("vector_layers") or []
     if not layers:
         return "self-check skipped: no layer takes raw vectors (vector_layers is empty)"

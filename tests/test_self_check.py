@@ -83,3 +83,42 @@ def test_no_vector_layer_skips_with_a_reason(fake: Any) -> None:
     url, seen = fake(live=False, vector_layers=[])
     assert "skipped" in check_steering_live(url, timeout=10)
     assert not seen
+
+
+def test_a_port_not_yet_listening_is_waited_for(fake: Any) -> None:
+    """uvicorn logs its start-up line before it listens: a refused connection is retried."""
+    import socket
+    import time
+
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused, as in vLLM
+    port = holder.getsockname()[1]
+    started: list[float] = []
+
+    def listen_later() -> None:
+        time.sleep(1.5)
+        holder.close()
+        srv = ThreadingHTTPServer(("127.0.0.1", port), _serve(True, [0])[0].RequestHandlerClass)
+        started.append(time.monotonic())
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+
+    threading.Thread(target=listen_later, daemon=True).start()
+    t0 = time.monotonic()
+    assert "passed" in check_steering_live(f"http://127.0.0.1:{port}", timeout=10)
+    assert started and started[0] - t0 > 1.0
+
+
+def test_a_port_that_never_listens_fails_with_the_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    from sae_steer_vllm import self_check
+
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    port = holder.getsockname()[1]
+    monkeypatch.setattr(self_check, "LISTEN_WAIT_S", 1.0)
+    try:
+        with pytest.raises(SelfCheckError, match="/v1/saes failed"):
+            check_steering_live(f"http://127.0.0.1:{port}", timeout=5)
+    finally:
+        holder.close()
