@@ -14,6 +14,11 @@ Definitions (also in docs/eval.md):
   says so. Without ``</think>`` every token counts as reasoning (a truncated trace).
 - reasoning-word rate: occurrences of the ReasonScore vocabulary per 100
   completion tokens.
+- repeated 4-grams (degeneration): per completion, the share of its word 4-grams that
+  repeat a 4-gram seen earlier in the same completion (:func:`repeated_ngram_share`);
+  averaged over samples, then problems. *looped*: the share of completions whose last
+  quarter is almost all repeats (:func:`is_looped`). A steered model that loops on
+  "Wait, wait" raises the word rate without reasoning more; these say when it does.
 - difference to baseline: mean over problems of (spec - baseline), with a
   percentile bootstrap CI that resamples problems (paired) with a fixed seed.
 """
@@ -70,6 +75,73 @@ def count_reasoning_words(text: str, words: Sequence[str] | None = None) -> int:
     return len(_vocab_regex(ws).findall(text))
 
 
+# ------------------------------------------------------------ degeneration
+DEGENERATION_N = 4
+"""The n of the repeated n-gram share every report uses (word 4-grams)."""
+LOOP_TAIL = 0.25
+LOOP_THRESHOLD = 0.9
+LOOP_MIN_NGRAMS = 16
+"""Completions with fewer n-grams are never called looped (their tail is too short to tell)."""
+MAX_WORD_CHARS = 8
+"""Longer whitespace-free runs are cut into pieces of this many characters, so that a loop
+written without spaces ("IIIII…", "WhatYouWhatYou…", which steered small models do write)
+still shows as repeats instead of one long word."""
+
+
+def words(text: str) -> list[str]:
+    """A text's whitespace-separated words (case and punctuation kept), runs longer than
+    :data:`MAX_WORD_CHARS` cut into pieces of that length."""
+    out: list[str] = []
+    for w in text.split():
+        out += [w[i : i + MAX_WORD_CHARS] for i in range(0, len(w), MAX_WORD_CHARS)]
+    return out
+
+
+def _units(text_or_tokens: str | Sequence[str | int]) -> Sequence[str | int]:
+    """The units n-grams are made of: a text's :func:`words`, or the given tokens.
+
+    Words, not token ids, in every report: they are model-independent (two models with
+    different tokenizers compare on one scale), need nothing but the stored completion text
+    (old sample logs and endpoints that return no ids work), and are what a reader sees."""
+    return words(text_or_tokens) if isinstance(text_or_tokens, str) else text_or_tokens
+
+
+def repeat_flags(text_or_tokens: str | Sequence[str | int], n: int = DEGENERATION_N) -> list[bool]:
+    """Per n-gram of the completion (in order): whether the same n-gram occurred earlier."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    units = _units(text_or_tokens)
+    seen: set[tuple[str | int, ...]] = set()
+    flags = []
+    for i in range(len(units) - n + 1):
+        gram = tuple(units[i : i + n])
+        flags.append(gram in seen)
+        seen.add(gram)
+    return flags
+
+
+def repeated_ngram_share(
+    text_or_tokens: str | Sequence[str | int], n: int = DEGENERATION_N
+) -> float:
+    """The share of a completion's n-grams that repeat an n-gram seen earlier in it: 0 = no
+    repetition, approaching 1 for a loop. A text (its :func:`words`) or a token sequence;
+    fewer than ``n`` units have no n-gram and nothing repeated: 0."""
+    flags = repeat_flags(text_or_tokens, n)
+    return sum(flags) / len(flags) if flags else 0.0
+
+
+def is_looped(text_or_tokens: str | Sequence[str | int], n: int = DEGENERATION_N) -> bool:
+    """Stuck in a loop: at least :data:`LOOP_THRESHOLD` of the last :data:`LOOP_TAIL` of the
+    completion's n-grams repeat an earlier n-gram. The final n-gram is left out (a completion
+    cut at the token limit often ends in a fragment of the looped word); completions with
+    fewer than :data:`LOOP_MIN_NGRAMS` n-grams besides it never count."""
+    flags = repeat_flags(text_or_tokens, n)[:-1]
+    if len(flags) < LOOP_MIN_NGRAMS:
+        return False
+    tail = flags[-math.ceil(LOOP_TAIL * len(flags)) :]
+    return sum(tail) >= LOOP_THRESHOLD * len(tail)
+
+
 # ------------------------------------------------------------------ samples
 class GradedSample(BaseModel):
     """The part of a logged sample the metrics need."""
@@ -83,6 +155,9 @@ class GradedSample(BaseModel):
     reasoning_words: int
     reasoning_estimated: bool = False
     has_think_end: bool = True
+    repeated_ngram_share: float | None = None
+    """:func:`repeated_ngram_share` of the completion; None: no completion text to measure."""
+    looped: bool | None = None
 
 
 class CI(BaseModel):
@@ -90,6 +165,17 @@ class CI(BaseModel):
     lo: float
     hi: float
     n_problems: int
+
+
+class Estimate(BaseModel):
+    """A mean over problems with its 95% percentile-bootstrap interval."""
+
+    model_config = ConfigDict(frozen=True)
+
+    mean: float
+    lo: float
+    hi: float
+    n: int
 
 
 class SpecMetrics(BaseModel):
@@ -108,6 +194,11 @@ class SpecMetrics(BaseModel):
     """Share of samples with no ``</think>`` (truncated: all their tokens count as reasoning)."""
     reasoning_estimated: int = 0
     """Samples whose reasoning tokens are a character estimate (the endpoint sent no ids)."""
+    repeated_ngram_share: Estimate | None = None
+    """Repeated word 4-grams: mean over samples, then problems, with a 95% bootstrap CI over
+    problems (``n`` = 0 and NaN: no sample had text to measure)."""
+    looped_rate: float = float("nan")
+    """Share of the measured samples stuck in a loop (:func:`is_looped`)."""
     accuracy_vs_baseline: CI | None = None
     tokens_vs_baseline: CI | None = None
 
@@ -151,11 +242,28 @@ def per_problem_tokens(samples: Iterable[GradedSample]) -> dict[str, float]:
     }
 
 
+def per_problem_repetition(samples: Iterable[GradedSample]) -> dict[str, float]:
+    """Per problem: the mean repeated 4-gram share of its measured samples (problems with
+    none measured are left out)."""
+    out: dict[str, float] = {}
+    for pid, ss in _by_problem(samples).items():
+        vals = [s.repeated_ngram_share for s in ss if s.repeated_ngram_share is not None]
+        if vals:
+            out[pid] = float(np.mean(vals))
+    return out
+
+
 def summarize(
-    dataset: str, spec_name: str, samples: Sequence[GradedSample], n_errors: int = 0
+    dataset: str,
+    spec_name: str,
+    samples: Sequence[GradedSample],
+    n_errors: int = 0,
+    *,
+    seed: int = 0,
 ) -> SpecMetrics:
     """Metrics of one (dataset, spec) from its successfully answered samples."""
     groups = _by_problem(samples)
+    looped = [s.looped for s in samples if s.looped is not None]
     nan = float("nan")
     tokens = sum(s.completion_tokens for s in samples)
     return SpecMetrics(
@@ -184,6 +292,10 @@ def summarize(
         if samples
         else nan,
         reasoning_estimated=sum(s.reasoning_estimated for s in samples),
+        repeated_ngram_share=bootstrap_mean(
+            list(per_problem_repetition(samples).values()), seed=seed
+        ),
+        looped_rate=float(np.mean(looped)) if looped else nan,
     )
 
 
@@ -210,17 +322,6 @@ def paired_bootstrap(
     alpha = (1.0 - confidence) / 2.0
     lo, hi = np.quantile(means, [alpha, 1.0 - alpha])
     return CI(diff=float(d.mean()), lo=float(lo), hi=float(hi), n_problems=len(keys))
-
-
-class Estimate(BaseModel):
-    """A mean over problems with its 95% percentile-bootstrap interval."""
-
-    model_config = ConfigDict(frozen=True)
-
-    mean: float
-    lo: float
-    hi: float
-    n: int
 
 
 def bootstrap_mean(values: Sequence[float], *, n_boot: int = 2000, seed: int = 0) -> Estimate:

@@ -12,7 +12,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.metrics import CI, SpecMetrics, compare_to_baseline, fmt, summarize
+from benchmarks.metrics import (
+    CI,
+    DEGENERATION_N,
+    Estimate,
+    SpecMetrics,
+    compare_to_baseline,
+    fmt,
+    summarize,
+)
 from benchmarks.readout import READOUT_NOTE, ReadoutRow, readout_markdown, readout_table
 from benchmarks.results import SampleRecord, read_config, read_log
 from benchmarks.sweep import BASELINE, describe_single_feature
@@ -52,7 +60,7 @@ def compute_metrics(
     for ds, name in sorted(groups, key=order):
         recs = groups[(ds, name)]
         ok = [r.graded() for r in recs if r.ok]
-        m = summarize(ds, name, ok, n_errors=sum(1 for r in recs if not r.ok))
+        m = summarize(ds, name, ok, n_errors=sum(1 for r in recs if not r.ok), seed=seed)
         base = groups.get((ds, baseline))
         if name != baseline and base is not None and ok:
             m = compare_to_baseline(m, ok, [r.graded() for r in base if r.ok], seed=seed)
@@ -71,7 +79,8 @@ def markdown_table(metrics: Sequence[SpecMetrics]) -> str:
     head = (
         "| dataset | spec | problems | samples | pass@1 % | Δ pass@1 (95% CI) | maj@n % "
         "| tokens | Δ tokens (95% CI) | reasoning tokens | no </think> % "
-        "| reasoning words /100 tok | no answer % | errors |"
+        f"| reasoning words /100 tok | repeated {DEGENERATION_N}-grams % (95% CI) | looped % "
+        "| no answer % | errors |"
     )
     sep = "|" + "---|" * head.count("|")
     sep = sep[: -len("---|")]
@@ -82,9 +91,28 @@ def markdown_table(metrics: Sequence[SpecMetrics]) -> str:
             f"| {fmt(m.pass_at_1, 1, True)} | {_ci(m.accuracy_vs_baseline, True, 1)} "
             f"| {fmt(m.maj_at_n, 1, True)} | {fmt(m.mean_completion_tokens, 0)} "
             f"| {_ci(m.tokens_vs_baseline, False, 0)} | {_reasoning_cell(m)} "
-            f"| {fmt(m.no_think_end_rate, 1, True)} | {fmt(m.reasoning_word_rate, 2)} | {fmt(m.no_answer_rate, 1, True)} | {m.n_errors} |"
+            f"| {fmt(m.no_think_end_rate, 1, True)} | {fmt(m.reasoning_word_rate, 2)} "
+            f"| {_estimate_pct(m.repeated_ngram_share)} | {fmt(m.looped_rate, 1, True)} "
+            f"| {fmt(m.no_answer_rate, 1, True)} | {m.n_errors} |"
         )
     return "\n".join(rows)
+
+
+def _estimate_pct(e: Estimate | None) -> str:
+    """A share with its CI in percent; a dash when nothing was measured."""
+    if e is None or e.n == 0:
+        return "–"
+    return f"{fmt(e.mean, 1, True)} [{fmt(e.lo, 1, True)}, {fmt(e.hi, 1, True)}]"
+
+
+DEGENERATION_NOTE = (
+    f"Degeneration: *repeated {DEGENERATION_N}-grams* = per completion, the share of its "
+    f"whitespace-word {DEGENERATION_N}-grams that repeat one seen earlier in the same "
+    "completion (0 = none; near 100 = a loop), mean over samples then problems, 95% bootstrap "
+    "CI over problems; *looped* = share of completions whose last quarter is at least 90% "
+    "repeats. A reasoning-word rate that rises together with these is a model repeating "
+    'itself ("Wait, wait, wait"), not reasoning more.'
+)
 
 
 def _reasoning_cell(m: SpecMetrics) -> str:
@@ -250,6 +278,8 @@ def write_report(
         "completion tokens from the server's usage. Errors are excluded from all rates.",
         "",
         reasoning_note(records, cfg.get("think_end_id")),
+        "",
+        DEGENERATION_NOTE,
         "",
     ]
     if readout:

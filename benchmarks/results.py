@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, computed_field
 
-from benchmarks.metrics import GradedSample
+from benchmarks.metrics import GradedSample, is_looped, repeated_ngram_share
 from sae_steer_vllm.constants import RUN_CONFIG_FILE as CONFIG_FILE
 from sae_steer_vllm.constants import SAMPLES_FILE as SAMPLES_FILE  # tests import it from here
 from sae_steer_vllm.files import atomic_write
@@ -67,6 +67,25 @@ class SampleRecord(BaseModel):
     response's ``sae_readout.saes[SAE].summary``; no per-token values). None: the request
     read nothing (every log written before readout existed reads so)."""
 
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def repeated_ngram_share(self) -> float | None:
+        """Degeneration: the share of the completion's word 4-grams that repeat an earlier one
+        (:func:`benchmarks.metrics.repeated_ngram_share`). Derived from ``completion`` whenever
+        read, so logs written before it existed report it too; written to each line for
+        readers of the log. None (n/a) for a failed request or a line without the text."""
+        return repeated_ngram_share(self.completion) if self._measurable else None
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def looped(self) -> bool | None:
+        """The completion ends in a loop (:func:`benchmarks.metrics.is_looped`); None as above."""
+        return is_looped(self.completion) if self._measurable else None
+
+    @property
+    def _measurable(self) -> bool:
+        return self.ok and "completion" in self.model_fields_set
+
     @property
     def key(self) -> SampleKey:
         return (self.dataset, self.problem_id, self.spec_name, self.spec or "", self.sample_index)
@@ -86,6 +105,8 @@ class SampleRecord(BaseModel):
             reasoning_words=self.reasoning_words,
             reasoning_estimated=self.reasoning_source != "token_ids",
             has_think_end=self.has_think_end,
+            repeated_ngram_share=self.repeated_ngram_share,
+            looped=self.looped,
         )
 
 

@@ -102,3 +102,19 @@ def test_paired_bootstrap() -> None:
     ci2 = paired_bootstrap({"p0": 1.0, "zz": 0.0}, base)
     assert ci2 is not None and ci2.n_problems == 1 and ci2.diff == 1.0
     assert paired_bootstrap({"x": 1.0}, base) is None
+
+
+def test_summarize_degeneration_is_a_mean_over_problems() -> None:
+    def d(pid: str, i: int, share: float | None, looped: bool | None) -> GradedSample:
+        return s(pid, i, True).model_copy(update={"repeated_ngram_share": share, "looped": looped})
+
+    # a: (0.2 + 0.6) / 2 = 0.4; b: 1.0 (its unmeasured sample is left out, not read as 0)
+    samples = [d("a", 0, 0.2, False), d("a", 1, 0.6, False), d("b", 0, 1.0, True)]
+    m = summarize("ds", "x", [*samples, d("b", 1, None, None)], seed=3)
+    e = m.repeated_ngram_share
+    assert e is not None and e.n == 2 and e.mean == pytest.approx(0.7)
+    assert 0.4 <= e.lo <= e.mean <= e.hi <= 1.0
+    assert m.looped_rate == pytest.approx(1 / 3)
+    none = summarize("ds", "y", [d("a", 0, None, None)])
+    assert none.repeated_ngram_share is not None and none.repeated_ngram_share.n == 0
+    assert math.isnan(none.repeated_ngram_share.mean) and math.isnan(none.looped_rate)

@@ -21,14 +21,17 @@ def headline(an: StudyAnalysis) -> str:
     b = an.baseline.values
     lines = [
         f"\nno steering: {b['tokens'].mean:.0f} tokens, {b['word_rate'].mean:.2f} reasoning "
-        f"words/100 tok, accuracy {b['accuracy'].mean:.1f}% ({an.n_problems} problems)",
-        f"{'arm':<12} {'strength':>8}  {'Δ tokens':<22} {'Δ words/100 tok':<24} Δ accuracy (pts)",
+        f"words/100 tok, {b['repeat'].mean:.1f}% repeated 4-grams, accuracy "
+        f"{b['accuracy'].mean:.1f}% ({an.n_problems} problems)",
+        f"{'arm':<12} {'strength':>8}  {'Δ tokens':<22} {'Δ words/100 tok':<24} "
+        f"{'Δ repeated 4-grams':<24} Δ accuracy (pts)",
     ]
     for g in an.groups:
         v = g.vs_baseline
         lines.append(
             f"{g.group:<12} {g.strength:>8g}  {_ci(v.get('tokens'), 0):<22} "
-            f"{_ci(v.get('word_rate'), 2):<24} {_ci(v.get('accuracy'), 1)}"
+            f"{_ci(v.get('word_rate'), 2):<24} {_ci(v.get('repeat'), 1):<24} "
+            f"{_ci(v.get('accuracy'), 1)}"
         )
     return "\n".join(lines)
 

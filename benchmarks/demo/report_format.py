@@ -15,14 +15,14 @@ def fmt_est(e: Estimate, digits: int = 1) -> str:
 
 
 def fmt_ci(c: CI | None, digits: int = 1) -> str:
-    if c is None:
+    if c is None or c.diff != c.diff:  # NaN: a measure some records could not give
         return "–"
     sign = "+" if c.diff >= 0 else ""
     return f"{sign}{c.diff:.{digits}f} [{c.lo:.{digits}f}, {c.hi:.{digits}f}]"
 
 
 def verdict(c: CI | None) -> str:
-    if c is None:
+    if c is None or c.diff != c.diff:
         return "not measured"
     if c.lo > 0:
         return "higher (95% CI excludes 0)"

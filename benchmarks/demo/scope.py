@@ -14,7 +14,8 @@ Design (why each choice):
   demo's SmolLM2) gets a stand-in end marker (docs/demo.md says which, and why).
 * measures, paired per problem against no steering and against ``all`` (95% paired
   bootstrap, as in :mod:`benchmarks.demo.study`): length, thinking length (tokens before
-  the marker; every token when it never came), reasoning-word rate, accuracy, the share of
+  the marker; every token when it never came), reasoning-word rate, repeated word 4-grams
+  (degeneration, as in :mod:`benchmarks.demo.study`), accuracy, the share of
   completions in which the marker appeared, and the share with an answer the grader can
   extract (a ``\\boxed{}``, which the prompt asks for, else a final "answer is X" line:
   :func:`benchmarks.grading.extract_answer`), the answer format's intactness. The question:
@@ -43,11 +44,20 @@ from benchmarks.sweep import BASELINE, SpecMap, grid_name
 from sae_steer_vllm.spec import FeatureIntervention, Mode, SteeringSpec
 
 SCOPES = ("all", "thinking", "answer")
-SCOPE_METRICS = ("tokens", "thinking_tokens", "word_rate", "accuracy", "marker", "answered")
+SCOPE_METRICS = (
+    "tokens",
+    "thinking_tokens",
+    "word_rate",
+    "repeat",
+    "accuracy",
+    "marker",
+    "answered",
+)
 SCOPE_LABELS = {
     "tokens": "length (tokens)",
     "thinking_tokens": "thinking length (tokens before the marker)",
     "word_rate": "reasoning words /100 tok",
+    "repeat": "repeated 4-grams %",
     "accuracy": "accuracy %",
     "marker": "marker appeared %",
     "answered": "extractable answer %",
@@ -134,6 +144,13 @@ def marker_seen(r: SampleRecord, end_marker: str) -> bool:
     return bool(end_marker) and end_marker in r.completion
 
 
+def repeat_pct(recs: Sequence[SampleRecord]) -> float:
+    """Mean repeated 4-gram share (%) of the records that have text to measure (the study's
+    degeneration measure); NaN (shown as n/a) when none has."""
+    vals = [r.repeated_ngram_share for r in recs if r.repeated_ngram_share is not None]
+    return 100.0 * float(np.mean(vals)) if vals else float("nan")
+
+
 def _per_problem(recs: Sequence[SampleRecord], end_marker: str) -> dict[str, dict[str, float]]:
     by: dict[str, list[SampleRecord]] = {}
     for r in recs:
@@ -145,6 +162,7 @@ def _per_problem(recs: Sequence[SampleRecord], end_marker: str) -> dict[str, dic
             "tokens": float(np.mean([r.completion_tokens for r in rs])),
             "thinking_tokens": float(np.mean([r.reasoning_tokens for r in rs])),
             "word_rate": 100.0 * sum(r.reasoning_words for r in rs) / toks if toks else 0.0,
+            "repeat": repeat_pct(rs),
             "accuracy": 100.0 * float(np.mean([r.correct for r in rs])),
             "marker": 100.0 * float(np.mean([marker_seen(r, end_marker) for r in rs])),
             "answered": 100.0 * float(np.mean([has_answer(r.completion) for r in rs])),

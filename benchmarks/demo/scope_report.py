@@ -58,6 +58,7 @@ _COLUMNS = (
     ("tokens", 0, True),
     ("thinking_tokens", 0, True),
     ("word_rate", 2, True),
+    ("repeat", 1, True),
     ("accuracy", 1, True),
 )
 
@@ -107,20 +108,22 @@ def scope_section(an: ScopeAnalysis, mode: str, plot: Path | None, report_dir: P
         "appeared; *answer found* = share with an answer the grader can extract (a non-empty "
         '`\\boxed{}`, which the prompt asks for, else a final "answer is X" line: the answer '
         "format is intact); *thinking length* = tokens before the marker (all "
-        "tokens when it never came). Means with 95% CIs; Δ paired against no steering.",
+        "tokens when it never came); *repeated 4-grams* = share of a completion's word 4-grams "
+        "that repeat an earlier one (degeneration: near 100 = a loop). Means with 95% CIs; "
+        "Δ paired against no steering.",
         "",
         "| arm | spec name | samples | cut % | marker % | answer found % | Δ answer found (pts) "
         "| length | Δ length | thinking length | Δ thinking | words /100 tok | Δ words "
-        "| accuracy % | Δ accuracy (pts) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| repeated 4-grams % | Δ repeated (pts) | accuracy % | Δ accuracy (pts) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         _row(an.baseline),
         *[_row(r) for r in an.arms],
         "",
         "Thinking-only and answer-only minus all positions, paired per problem:",
         "",
         "| arm | Δ answer found (pts) | Δ length | Δ thinking length | Δ words /100 tok "
-        "| Δ accuracy (pts) |",
-        "|---|---|---|---|---|---|",
+        "| Δ repeated 4-grams (pts) | Δ accuracy (pts) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in an.arms:
         if r.scope == "all":
@@ -129,7 +132,7 @@ def scope_section(an: ScopeAnalysis, mode: str, plot: Path | None, report_dir: P
         L.append(
             f"| {SCOPE_NAMES[r.scope]} | {_ci(v.get('answered'), 0)} | {_ci(v.get('tokens'), 0)} "
             f"| {_ci(v.get('thinking_tokens'), 0)} | {_ci(v.get('word_rate'), 2)} "
-            f"| {_ci(v.get('accuracy'), 1)} |"
+            f"| {_ci(v.get('repeat'), 1)} | {_ci(v.get('accuracy'), 1)} |"
         )
     L += ["", "What it says:", ""]
     for arm in an.arms:
@@ -137,7 +140,8 @@ def scope_section(an: ScopeAnalysis, mode: str, plot: Path | None, report_dir: P
         L.append(
             f"- {SCOPE_NAMES[arm.scope]}: answer found vs no steering "
             f"{_verdict(b.get('answered'))}; thinking length {_verdict(b.get('thinking_tokens'))}; "
-            f"length {_verdict(b.get('tokens'))}; accuracy {_verdict(b.get('accuracy'))}."
+            f"length {_verdict(b.get('tokens'))}; reasoning words {_verdict(b.get('word_rate'))}; "
+            f"repeated 4-grams {_verdict(b.get('repeat'))}; accuracy {_verdict(b.get('accuracy'))}."
         )
     if an.same_before_marker is not None:
         same, n = an.same_before_marker

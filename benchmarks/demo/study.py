@@ -12,9 +12,11 @@ Design (why each choice):
   from a paired bootstrap over problems (``benchmarks.metrics.paired_bootstrap``). The K
   features of one group at one strength are pooled per problem (mean over features), and
   "top minus random" is paired the same way.
-* the three measures: response length (completion tokens from the server), reasoning-word
+* the measures: response length (completion tokens from the server), reasoning-word
   rate (the ReasonScore vocabulary per 100 completion tokens, as the eval harness counts
-  it) and accuracy (the harness's grader).
+  it), degeneration beside it (the share of repeated word 4-grams, as the eval harness
+  measures it, and the share of looped completions: a word rate raised by a loop is not more
+  reasoning) and accuracy (the harness's grader).
 * where to steer: optionally the top-1 feature at one strength also steered only while
   thinking and only in the answer (:mod:`benchmarks.demo.scope`, its own analysis).
 
@@ -36,6 +38,7 @@ from benchmarks.demo.scope import (
     ScopeDesign,
     analyse_scope,
     make_scope,
+    repeat_pct,
     scope_specs,
 )
 from benchmarks.metrics import CI, Estimate, bootstrap_mean, paired_bootstrap
@@ -138,10 +141,11 @@ def make_design(
 
 
 # ------------------------------------------------------------------ analysis
-METRICS = ("tokens", "word_rate", "accuracy")
+METRICS = ("tokens", "word_rate", "repeat", "accuracy")
 METRIC_LABELS = {
     "tokens": "response length (completion tokens)",
     "word_rate": "reasoning words per 100 tokens",
+    "repeat": "repeated 4-grams (%)",
     "accuracy": "accuracy (%)",
 }
 
@@ -157,6 +161,8 @@ class GroupResult:
     truncated: float  # fraction that hit max_tokens
     values: dict[str, Estimate]
     vs_baseline: dict[str, CI | None]
+    looped: float = float("nan")
+    """Share of completions stuck in a loop (:func:`benchmarks.metrics.is_looped`)."""
 
 
 @dataclass
@@ -171,7 +177,8 @@ class StudyAnalysis:
 
 
 def _per_problem(recs: Sequence[SampleRecord]) -> dict[str, dict[str, float]]:
-    """Per problem: mean tokens, pooled reasoning-word rate, accuracy (%)."""
+    """Per problem: mean tokens, pooled reasoning-word rate, repeated 4-gram share (%),
+    accuracy (%)."""
     by: dict[str, list[SampleRecord]] = {}
     for r in recs:
         by.setdefault(r.problem_id, []).append(r)
@@ -181,6 +188,7 @@ def _per_problem(recs: Sequence[SampleRecord]) -> dict[str, dict[str, float]]:
         out[pid] = {
             "tokens": float(np.mean([r.completion_tokens for r in rs])),
             "word_rate": 100.0 * sum(r.reasoning_words for r in rs) / toks if toks else 0.0,
+            "repeat": repeat_pct(rs),
             "accuracy": 100.0 * float(np.mean([r.correct for r in rs])),
         }
     return out
@@ -203,7 +211,9 @@ def _group_result(
                 {k: v[m] for k, v in pp.items()}, {k: v[m] for k, v in base_pp.items()}, seed=seed
             )
     trunc = float(np.mean([r.finish_reason == "length" for r in recs])) if recs else float("nan")
-    return GroupResult(group, strength, features, len(recs), trunc, values, vs), pp
+    flags = [r.looped for r in recs if r.looped is not None]
+    looped = float(np.mean(flags)) if flags else float("nan")
+    return GroupResult(group, strength, features, len(recs), trunc, values, vs, looped), pp
 
 
 def analyse(design: StudyDesign, records: Sequence[SampleRecord], seed: int = 0) -> StudyAnalysis:
@@ -261,6 +271,7 @@ def analyse(design: StudyDesign, records: Sequence[SampleRecord], seed: int = 0)
                 "strength": a.strength,
                 "n": g.n_samples,
                 "truncated": g.truncated,
+                "looped": g.looped,
                 **{m: g.values[m].mean for m in METRICS},
             }
         )

@@ -45,8 +45,8 @@ def plot_study(design: StudyDesign, an: StudyAnalysis, out_dir: Path) -> list[Pa
     colors = {"top": "tab:red", "random": "tab:blue"}
     xs = design.strengths
 
-    fig = Figure(figsize=(14, 4.2))
-    axes = fig.subplots(1, 3)
+    fig = Figure(figsize=(4.7 * len(METRICS), 4.2))
+    axes = fig.subplots(1, len(METRICS))
     for ax, m in zip(axes, METRICS, strict=True):
         b = an.baseline.values[m]
         ax.axhspan(b.lo, b.hi, color="gray", alpha=0.2)
@@ -177,6 +177,17 @@ def readout_section(design: StudyDesign, records: Sequence[SampleRecord]) -> lis
     return L
 
 
+def _sample_line(r: SampleRecord) -> str:
+    """One completion's measures under its text in the side-by-side table."""
+    share = r.repeated_ngram_share
+    rep = "–" if share is None else f"{100 * share:.0f}%"
+    loop = ", looped" if r.looped else ""
+    return (
+        f"{r.completion_tokens} tokens, {r.reasoning_words} reasoning words, "
+        f"{rep} repeated 4-grams{loop}, {'correct' if r.correct else 'wrong'}"
+    )
+
+
 def _pre(text: str, max_chars: int) -> str:
     t = text if len(text) <= max_chars else text[:max_chars] + " […]"
     return f"<pre>{html.escape(t)}</pre>"
@@ -243,26 +254,33 @@ def write_study_report(
         "",
         "Means over problems with 95% bootstrap CIs; Δ = paired difference to no steering "
         "(same problems, same seed), 95% paired-bootstrap CI. Features of one group at one "
-        "strength are pooled per problem. *cut* = share of completions that hit max_tokens.",
+        "strength are pooled per problem. *cut* = share of completions that hit max_tokens. "
+        "Degeneration beside the word rate: *repeated 4-grams* = share of a completion's "
+        "word 4-grams that repeat one seen earlier in it (0 = none, near 100 = a loop); "
+        "*looped* = share of completions whose last quarter is at least 90% repeats. A word "
+        "rate that rises together with them is a model repeating itself, not reasoning more.",
         "",
-        "| arm | strength | samples | cut % | length (tokens) | Δ length | reasoning words /100 tok "
-        "| Δ words | accuracy % | Δ accuracy (pts) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| arm | strength | samples | cut % | looped % | length (tokens) | Δ length "
+        "| reasoning words /100 tok | Δ words | repeated 4-grams % | Δ repeated (pts) "
+        "| accuracy % | Δ accuracy (pts) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def row(g: GroupResult, label: str) -> str:
         v, d = g.values, g.vs_baseline
         return (
             f"| {label} | {g.strength:g} | {g.n_samples} | {_num(100 * g.truncated, 0)} "
-            f"| {_est(v['tokens'], 0)} | {_ci(d.get('tokens'), 0)} "
+            f"| {_num(100 * g.looped, 0)} | {_est(v['tokens'], 0)} | {_ci(d.get('tokens'), 0)} "
             f"| {_est(v['word_rate'], 2)} | {_ci(d.get('word_rate'), 2)} "
+            f"| {_est(v['repeat'], 1)} | {_ci(d.get('repeat'), 1)} "
             f"| {_est(v['accuracy'], 1)} | {_ci(d.get('accuracy'), 1)} |"
         )
 
     b = an.baseline
     L.append(
         f"| no steering | – | {b.n_samples} | {_num(100 * b.truncated, 0)} "
-        f"| {_est(b.values['tokens'], 0)} | | {_est(b.values['word_rate'], 2)} | "
+        f"| {_num(100 * b.looped, 0)} | {_est(b.values['tokens'], 0)} | "
+        f"| {_est(b.values['word_rate'], 2)} | | {_est(b.values['repeat'], 1)} | "
         f"| {_est(b.values['accuracy'], 1)} | |"
     )
     for g in an.groups:
@@ -271,13 +289,14 @@ def write_study_report(
         "",
         "### Top features minus random features (paired per problem)",
         "",
-        "| strength | Δ length | Δ reasoning words /100 tok | Δ accuracy (pts) |",
-        "|---|---|---|---|",
+        "| strength | Δ length | Δ reasoning words /100 tok | Δ repeated 4-grams (pts) "
+        "| Δ accuracy (pts) |",
+        "|---|---|---|---|---|",
     ]
     for s, d in an.top_minus_random.items():
         L.append(
             f"| {s:g} | {_ci(d.get('tokens'), 0)} | {_ci(d.get('word_rate'), 2)} "
-            f"| {_ci(d.get('accuracy'), 1)} |"
+            f"| {_ci(d.get('repeat'), 1)} | {_ci(d.get('accuracy'), 1)} |"
         )
     L += ["", "### What the numbers say", ""]
     for s in design.strengths:
@@ -288,7 +307,12 @@ def write_study_report(
             f"- strength {s:g}: reasoning-word rate vs no steering — top features "
             f"{_verdict(top.vs_baseline.get('word_rate'))}, random features "
             f"{_verdict(rnd.vs_baseline.get('word_rate'))}; top vs random "
-            f"{_verdict(tmr.get('word_rate'))}. Length: top {_verdict(top.vs_baseline.get('tokens'))}, "
+            f"{_verdict(tmr.get('word_rate'))}. Repeated 4-grams (degeneration): top "
+            f"{_verdict(top.vs_baseline.get('repeat'))}, random "
+            f"{_verdict(rnd.vs_baseline.get('repeat'))}; looped {_num(100 * top.looped, 0)}% "
+            f"(top) vs {_num(100 * rnd.looped, 0)}% (random) vs "
+            f"{_num(100 * an.baseline.looped, 0)}% unsteered. "
+            f"Length: top {_verdict(top.vs_baseline.get('tokens'))}, "
             f"random {_verdict(rnd.vs_baseline.get('tokens'))}. Accuracy: top "
             f"{_verdict(top.vs_baseline.get('accuracy'))}, random "
             f"{_verdict(rnd.vs_baseline.get('accuracy'))}."
@@ -305,8 +329,9 @@ def write_study_report(
         "near the floor with wide intervals. The SAE and the ReasonScore corpus are small "
         "(see above), features are ranked on R1-style traces the model did not write, and "
         f"each arm has one sample per problem on {an.n_problems} problems. Greedy or low-"
-        "temperature decoding of a small model often loops until max_tokens (see *cut*), "
-        "which caps the length measure. This run demonstrates the pipeline (train → score → "
+        "temperature decoding of a small model often loops until max_tokens (see *cut* and "
+        "*looped*), which caps the length measure and can raise the word rate by repetition "
+        "alone (see *repeated 4-grams*). This run demonstrates the pipeline (train → score → "
         "serve → steer → measure); it does not reproduce the paper's effect, whose model is "
         "60x larger and trained to reason (see docs/paper_recipe.md for that recipe).",
         "",
@@ -322,14 +347,16 @@ def write_study_report(
     L += [
         "## Per feature",
         "",
-        "| arm | feature | strength | samples | cut % | length | words /100 tok | accuracy % |",
-        "|---|---|---|---|---|---|---|---|",
+        "| arm | feature | strength | samples | cut % | looped % | length | words /100 tok "
+        "| repeated 4-grams % | accuracy % |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in an.per_arm:
         L.append(
             f"| {r['arm']} | {r['feature']} | {r['strength']:g} | {r['n']} "
-            f"| {_num(100 * r['truncated'], 0)} | {_num(r['tokens'], 0)} "
-            f"| {_num(r['word_rate'], 2)} | {_num(r['accuracy'], 1)} |"
+            f"| {_num(100 * r['truncated'], 0)} | {_num(100 * r['looped'], 0)} "
+            f"| {_num(r['tokens'], 0)} | {_num(r['word_rate'], 2)} | {_num(r['repeat'], 1)} "
+            f"| {_num(r['accuracy'], 1)} |"
         )
     mid = design.strengths[len(design.strengths) // 2]
     sbs = side_by_side(design, records, mid, list(ctx.problems))
@@ -346,10 +373,7 @@ def write_study_report(
             f'<th width="50%">{html.escape(arm_name)}</th></tr>',
             f'<tr><td valign="top">{_pre(base.completion, 1500)}</td>'
             f'<td valign="top">{_pre(steer.completion, 1500)}</td></tr>',
-            f"<tr><td>{base.completion_tokens} tokens, {base.reasoning_words} reasoning words, "
-            f"{'correct' if base.correct else 'wrong'}</td>"
-            f"<td>{steer.completion_tokens} tokens, {steer.reasoning_words} reasoning words, "
-            f"{'correct' if steer.correct else 'wrong'}</td></tr></table>",
+            f"<tr><td>{_sample_line(base)}</td><td>{_sample_line(steer)}</td></tr></table>",
         ]
     L += ["", "## Files and timing", ""]
     for name, target in ctx.links.items():
