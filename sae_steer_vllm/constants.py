@@ -46,6 +46,9 @@ DASHBOARD_INDEX = "index.html"
 DASHBOARD_FEATURE_PAGE = "feature_{feature}.html"
 """One feature's dashboard page (``.format(feature=i)``); ``sae-steer inspect --dashboard``
 links to it. owner: sae_training.features.dashboard"""
+EXPLANATIONS_FILE = "explanations.json"
+"""Explanations of features and their detection / fuzzing scores, beside the SAE.
+owner: sae_training.features.explanations"""
 VOCAB_FILE = "reasoning_vocab.json"
 """Packaged reasoning vocabulary (sae_training/data/)."""
 
@@ -56,6 +59,50 @@ RUN_CONFIG_FILE = "config.json"
 SUMMARY_FILE = "summary.md"
 EVAL_METRICS_FILE = "metrics.json"
 PLOTS_DIR = "plots"
+
+# ---------------------------------------------------------------- interpretation runs
+# owner: benchmarks.interpret
+EXPLAIN_LOG_FILE = "explain_log.jsonl"
+"""Every prompt sent to the explainer / judge LLM and its answer, one JSON line each
+(``sae-steer explain`` audits and resumes from it)."""
+EXPLAIN_DIR = "explain"
+"""``sae-steer explain``'s output folder inside the SAE folder when no ``--out`` is given
+(log, summary.md, plot; ``explanations.json`` itself goes beside the SAE)."""
+EXPLAIN_SCORES_PLOT = "explanation_scores.png"
+"""Histogram of the detection and fuzzing balanced accuracies over features."""
+STEERING_EFFECTS_FILE = "steering_effects.json"
+"""``sae-steer explain --steering``: each feature's described steering effects and the clusters
+(owner: benchmarks.interpret.steering_effects)."""
+STEERING_EFFECTS_TABLE = "steering_effects.md"
+"""The same as a Markdown table: cluster | features | strengthening does | weakening does."""
+STEERING_GENERATIONS_DIR = "steering_generations"
+"""The steering mode's sweep folder (its own ``config.json`` and ``samples.jsonl``), inside
+the output folder."""
+
+# ---------------------------------------------------------------- distilled model and diffing
+# owner: sae_training.distill / sae_training.diffing
+DISTILL_STATE_FILE = "distill_state.json"
+"""``sae-steer distill``'s progress (loss curve, step) and, once ``complete`` is true, the
+marker of a finished output folder (reused unless ``--force``)."""
+DISTILL_CHECKPOINT_FILE = "distill_checkpoint.pt"
+"""Model + optimizer state every N steps while a distill runs (a rerun continues from it);
+deleted when the folder is complete."""
+DISTILL_CHECK_FILE = "distill_check.json"
+"""Before/after check of a distill: share of greedy generations closing ``</think>``,
+reasoning-word rate per 100 tokens, held-out trace loss."""
+DISTILL_MODEL_SUFFIX = "-R1-distill"
+"""Default output: ``<cache>/models/<base model folder name><suffix>``."""
+DIFF_RESULT_FILE = "model_diff.json"
+DIFF_REPORT_FILE = "model_diff.md"
+DIFF_PLOT_FILE = "model_diff.png"
+DIFF_CONDITIONS_DIR = "conditions"
+"""``sae-steer diff``'s per-condition folders (``a-chat``, ``a-reasoning``, ``b-chat``,
+``b-reasoning``), each with its activation cache and fine-tune results: a rerun reuses them."""
+DIFF_CONDITION_FILE = "condition_{digest}.safetensors"
+"""One condition's per-feature density, mean activation and decoder/encoder cosines after
+the SAE fine-tune (``.format(digest=...)`` of the settings that produced it)."""
+DIFF_FINETUNE_DIR = "finetune-{digest}"
+"""A condition's fine-tune checkpoint while it runs (deleted once its result is saved)."""
 
 # ---------------------------------------------------------------- demo
 # owner: benchmarks.demo
