@@ -20,8 +20,15 @@ from helpers.saes import make_sae
 from sae_steer_vllm.sae import SAEFormatError
 from sae_training import FeatureStats, build_dashboard, write_ranked_table
 from sae_training.features.dashboard_html import _fmt
+from sae_training.features.explanations import (
+    ExplanationScore,
+    ExplanationsFile,
+    FeatureExplanation,
+    read_explanations,
+    write_explanations,
+)
 from sae_training.features.logit_lens import load_unembedding, logit_lens
-from sae_training.features.ranked_table import ranked_rows
+from sae_training.features.ranked_table import EXPLANATION_COLUMNS, load_ranked_table, ranked_rows
 from sae_training.features.token_dependence import TokenDependence
 
 TOP_K = 4
@@ -160,3 +167,95 @@ def test_stale_statistics_are_refused(
     with pytest.raises(SAEFormatError, match="other weights"):
         build_dashboard(other, tmp_path / "d", top_k=2, model_path=model_dir, sae_path=other)
     assert sae_dir.is_dir() and index.is_file()
+
+
+def _explanations(top: list[int]) -> ExplanationsFile:
+    """Feature top[0] explained and scored both ways, top[1] explained but not scored."""
+    det = ExplanationScore(
+        balanced_accuracy=0.8125, ci_low=0.625, ci_high=0.9375, n_positive=8, n_negative=8
+    )
+    fuzz = ExplanationScore(
+        balanced_accuracy=0.5, ci_low=0.25, ci_high=0.75, n_positive=4, n_negative=4, n_unclear=1
+    )
+    return ExplanationsFile(
+        meta={"explainer": "scripted"},
+        features=[
+            FeatureExplanation(
+                feature=top[0], explanation="<b>Wait</b> at a restart", detection=det, fuzzing=fuzz
+            ),
+            FeatureExplanation(feature=top[1], explanation="numbers"),
+        ],
+    )
+
+
+def test_explanations_in_the_ranked_table(
+    built: tuple[Path, Path, FeatureStats], tmp_path: Path
+) -> None:
+    _, _, stats = built
+    top = stats.ranking()[:3].tolist()
+    data = _explanations(top)
+    plain = ranked_rows(stats, 3)
+    assert not set(EXPLANATION_COLUMNS) & set(plain[0])  # no file: the table is unchanged
+    rows = ranked_rows(stats, 3, explanations=data)
+    assert list(rows[0])[: len(plain[0])] == list(plain[0])  # the new columns come last,
+    assert list(rows[0])[len(plain[0]) - 1] == "likely_token_detector"  # beside the flag
+    assert [r["explanation"] for r in rows] == ["<b>Wait</b> at a restart", "numbers", None]
+    assert (rows[0]["detection"], rows[0]["detection_ci_low"], rows[0]["detection_ci_high"]) == (
+        0.8125,
+        0.625,
+        0.9375,
+    )
+    assert rows[0]["fuzzing"] == 0.5 and rows[1]["detection"] is None and rows[2]["fuzzing"] is None
+    jpath, cpath = write_ranked_table(stats, tmp_path, top_k=3, explanations=data)
+    doc = load_ranked_table(jpath)
+    assert doc["meta"]["explanations"] == {"explainer": "scripted"}
+    assert doc["features"][0]["fuzzing_ci_high"] == 0.75
+    header, first = cpath.read_text().splitlines()[:2]
+    assert header.endswith(",".join(EXPLANATION_COLUMNS))
+    assert first.endswith("<b>Wait</b> at a restart,0.8125,0.625,0.9375,0.5,0.25,0.75")
+    jpath, cpath = write_ranked_table(stats, tmp_path, top_k=3)
+    assert "explanations" not in load_ranked_table(jpath)["meta"]
+    assert "detection" not in cpath.read_text()
+
+
+def test_explanations_on_the_dashboard(
+    built: tuple[Path, Path, FeatureStats], tmp_path: Path
+) -> None:
+    index, model_dir, stats = built
+    top = stats.ranking()[:TOP_K].tolist()
+    for f in top:  # without an explanations file the pages show none
+        assert 'class="card explanation"' not in (index.parent / f"feature_{f}.html").read_text()
+    assert "detection" not in index.read_text()
+    sae_dir = Path(str(stats.meta["sae"]))
+    written = write_explanations(sae_dir, _explanations(top))
+    try:  # found in the SAE folder by default
+        out = build_dashboard(sae_dir, tmp_path / "d", top_k=TOP_K, model_path=model_dir)
+    finally:
+        written.unlink()
+    assert read_explanations(sae_dir) is None
+    page = (out.parent / f"feature_{top[0]}.html").read_text()
+    assert 'class="card explanation"' in page
+    assert "&lt;b&gt;Wait&lt;/b&gt; at a restart" in page and "<b>Wait</b>" not in page
+    assert 'data-score="detection">0.812 [0.625, 0.938]<' in page
+    assert 'data-score="fuzzing">0.500 [0.250, 0.750]<' in page and "1 unclear" in page
+    # the token-dependence verdict beside the scores (top[0] was flagged by the fixture)
+    assert re.search(r'data-score="token-dependence">.*likely token detector.*0\.900', page)
+    page1 = (out.parent / f"feature_{top[1]}.html").read_text()
+    assert 'data-score="detection">not scored<' in page1
+    assert 'data-score="token-dependence"><span class="muted">not checked' in page1
+    assert "Not explained" in (out.parent / f"feature_{top[2]}.html").read_text()
+    html_text = out.read_text()
+    assert '<td data-score="detection">0.81 [0.62, 0.94]</td>' in html_text
+    assert html_text.count("not explained") == TOP_K - 2
+    # an explicit file works the same, and a missing one is an error, not a silent omission
+    explicit = write_explanations(tmp_path / "e.json", _explanations(top))
+    out2 = build_dashboard(
+        sae_dir, tmp_path / "d2", top_k=2, model_path=model_dir, explanations=explicit
+    )
+    assert 'class="card explanation"' in (out2.parent / f"feature_{top[0]}.html").read_text()
+    with pytest.raises(SAEFormatError, match="no explanations file"):
+        build_dashboard(sae_dir, tmp_path / "d3", top_k=1, explanations=tmp_path / "none.json")
+    from sae_training.features import dashboard_cli
+
+    argv = ["--sae", str(sae_dir), "--explanations", str(tmp_path / "none.json")]
+    assert dashboard_cli.main(argv) == 2  # a usage error, before any work

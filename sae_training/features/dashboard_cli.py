@@ -22,8 +22,8 @@ PROG = "sae-steer dashboard"
 class DashboardCommand(CommandConfig):
     """Static HTML dashboards for the top features by ReasonScore: top activating contexts with
     per-token shading, activation histogram, logit lens, density, ReasonScore and its parts;
-    index.html sorted by score. Needs the statistics written by `sae-steer score`; runs no
-    model forward.
+    index.html sorted by score; explanations and their scores when `sae-steer explain` wrote
+    them. Needs the statistics written by `sae-steer score`; runs no model forward.
     """
 
     sae: Path = DEFAULT_OUT
@@ -37,6 +37,9 @@ class DashboardCommand(CommandConfig):
     """number of feature pages"""
     out: Path | None = None
     """output folder (default: <sae>/dashboard)"""
+    explanations: Path | None = None
+    """explanations.json written by `sae-steer explain`, shown with their scores on the pages
+    (default: the one in the SAE folder or beside the statistics, when there is one)"""
 
 
 def _run(cmd: DashboardCommand) -> int:
@@ -46,6 +49,8 @@ def _run(cmd: DashboardCommand) -> int:
             raise UsageError(f"--sae {sae}: pass --out (pages are not written into the Hub cache)")
         sae = resolve_sae_location(str(sae))
     stats = cmd.stats or sae / STATS_FILE
+    if cmd.explanations is not None and not cmd.explanations.exists():
+        raise UsageError(f"--explanations {cmd.explanations} not found (run `sae-steer explain`)")
     if not stats.is_file():
         raise UsageError(f"{stats} not found (run `sae-steer score --sae {cmd.sae}`)")
     index = build_dashboard(
@@ -55,6 +60,7 @@ def _run(cmd: DashboardCommand) -> int:
         model_path=cmd.model,
         sae_path=sae,
         progress=True,
+        explanations=cmd.explanations,
     )
     print(f"wrote {index}")
     return 0

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from sae_steer_vllm.constants import DASHBOARD_FEATURE_PAGE, DASHBOARD_INDEX
+from sae_training.features.explanations import ExplanationScore, FeatureExplanation
 from sae_training.features.feature_stats import FeatureStats
 
 HIST_BARS = 64
@@ -33,6 +34,7 @@ th { background: #f0f0f3; } td.l, th.l { text-align: left; }
 .bar { fill: #4a78c2; } .gbar { background: #e08a2c; height: 12px; display: inline-block; }
 .detector { color: #b3261e; font-weight: 600; }
 .muted { color: #777; font-size: 12px; }
+.explanation-text { font-size: 15px; margin: 4px 0 8px 0; max-width: 760px; }
 """
 
 
@@ -126,6 +128,55 @@ def context_html(
     )
 
 
+def score_text(sc: ExplanationScore | None, digits: int = 3) -> str:
+    """A balanced accuracy with its 95% interval, or "not scored"."""
+    if sc is None:
+        return "not scored"
+    return f"{sc.balanced_accuracy:.{digits}f} [{sc.ci_low:.{digits}f}, {sc.ci_high:.{digits}f}]"
+
+
+def _verdict(row: dict[str, Any] | None) -> str:
+    """The token-dependence check's verdict, from the ranked table's row."""
+    if not row or row.get("injection_ratio") is None:
+        return '<span class="muted">not checked</span>'
+    ratio = f"injection ratio {row['injection_ratio']:.3f}"
+    if row.get("likely_token_detector"):
+        return f'<span class="detector">likely token detector</span> ({ratio})'
+    return f"needs reasoning context ({ratio})"
+
+
+def explanation_card(e: FeatureExplanation | None, row: dict[str, Any] | None) -> str:
+    """The explanation, its two scores (balanced accuracy, 0.5 = chance, 95% interval, over
+    held-out contexts the explainer never saw) and the token-dependence verdict beside them."""
+    if e is None:
+        return (
+            '<div class="card explanation"><h2>Explanation</h2><p class="muted">'
+            "Not explained in the <code>sae-steer explain</code> run.</p></div>"
+        )
+    trs = []
+    for method, sc in (("detection", e.detection), ("fuzzing", e.fuzzing)):
+        counts = (
+            ""
+            if sc is None
+            else f"{sc.n_positive} should fit, {sc.n_negative} should not, {sc.n_unclear} unclear"
+        )
+        trs.append(
+            f'<tr><th class="l">{method}</th><td data-score="{method}">{score_text(sc)}</td>'
+            f'<td class="l muted">{counts}</td></tr>'
+        )
+    trs.append(
+        f'<tr><th class="l">token dependence</th><td class="l" colspan="2" '
+        f'data-score="token-dependence">{_verdict(row)}</td></tr>'
+    )
+    return (
+        '<div class="card explanation"><h2>Explanation</h2>'
+        f'<p class="explanation-text">{_esc(e.explanation)}</p>'
+        '<table class="explanation-scores"><tr><th class="l">score</th>'
+        '<th>balanced accuracy [95% CI]</th><th class="l">held-out contexts</th></tr>'
+        f"{''.join(trs)}</table></div>"
+    )
+
+
 def _page(title: str, body: str) -> str:
     return (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
@@ -140,7 +191,11 @@ def feature_page(
     tokenizer: Any,
     lens: tuple[list[tuple[int, float]], list[tuple[int, float]]],
     row: dict[str, Any] | None,
+    explanation: FeatureExplanation | None = None,
+    has_explanations: bool = False,
 ) -> str:
+    """One feature's page; with ``has_explanations`` (an explanations file exists) an
+    explanation card comes first (:func:`explanation_card`)."""
     t = stats.tensors
     ctx_before = int(stats.meta.get("ctx_before", 16))
     burn_in = int(stats.meta.get("burn_in", 0))  # 0 in files written before burn-in
@@ -219,7 +274,8 @@ def feature_page(
         f"Feature {f}</h1>"
         f'<p class="muted">corpus {_esc(str(stats.meta.get("corpus", {}).get("path", "")))}, '
         f"{stats.meta.get('n_tokens', '?')} tokens</p>"
-        f'<div class="grid"><div class="card"><h2>Scores</h2><table class="stats">{stat_rows}'
+        + (explanation_card(explanation, row) if has_explanations else "")
+        + f'<div class="grid"><div class="card"><h2>Scores</h2><table class="stats">{stat_rows}'
         f'</table></div><div class="card"><h2>Activation histogram</h2>'
         f"{histogram_svg(t['hist_counts'][f], float(t['hist_max'][f]))}"
         f'<h2>Reasoning-word groups (p<sub>ij</sub>)</h2><table class="groups">{group_rows}'
@@ -239,7 +295,10 @@ def index_page(
     feats: list[int],
     rows: dict[int, dict[str, Any]],
     lens_top: dict[int, list[str]],
+    explained: dict[int, FeatureExplanation] | None = None,
 ) -> str:
+    """The ranking; with ``explained`` (an explanations file exists) also the explanation
+    and both scores beside the token-dependence ratio."""
     t = stats.tensors
     trs = []
     for rank, f in enumerate(feats, 1):
@@ -256,7 +315,7 @@ def index_page(
             f"<td>{_fmt(float(t['reasonscore'][f]))}</td><td>{_fmt(float(t['pos_term'][f]))}</td>"
             f"<td>{float(t['entropy_norm'][f]):.3f}</td><td>{_fmt(float(t['neg_term'][f]))}</td>"
             f"<td>{float(t['density'][f]):.4f}</td><td>{_fmt(float(t['max_activation'][f]))}</td>"
-            f'<td>{ratio_s}</td><td class="l">{_esc(group)}</td>'
+            f'<td>{ratio_s}</td>{_explained_cells(explained, f)}<td class="l">{_esc(group)}</td>'
             f'<td class="l"><code>{_esc(" ".join(lens_top.get(f, [])))}</code></td></tr>'
         )
     meta = stats.meta
@@ -268,8 +327,33 @@ def index_page(
         f"{stats.d_sae} features · token-detector rule: injection ratio ≥ 0.5</p>"
         '<table id="ranking"><tr><th>rank</th><th>feature</th><th>ReasonScore</th>'
         "<th>μ+ share</th><th>Hn</th><th>μ− share</th><th>density</th><th>max act</th>"
-        '<th>inj. ratio</th><th class="l">top group</th><th class="l">logit lens top</th></tr>'
+        "<th>inj. ratio</th>"
+        + (
+            ""
+            if explained is None
+            else '<th class="l">explanation</th><th>detection</th><th>fuzzing</th>'
+        )
+        + '<th class="l">top group</th><th class="l">logit lens top</th></tr>'
         + "".join(trs)
         + "</table>"
+        + (
+            ""
+            if explained is None
+            else '<p class="muted">detection, fuzzing: balanced accuracy of the explanation '
+            "on held-out contexts the explainer never saw (0.5 = chance) [95% CI]</p>"
+        )
     )
     return _page("ReasonScore: top features", body)
+
+
+def _explained_cells(explained: dict[int, FeatureExplanation] | None, f: int) -> str:
+    if explained is None:
+        return ""
+    e = explained.get(f)
+    if e is None:
+        return '<td class="l muted">not explained</td><td></td><td></td>'
+    return (
+        f'<td class="l explanation">{_esc(e.explanation)}</td>'
+        f'<td data-score="detection">{score_text(e.detection, 2)}</td>'
+        f'<td data-score="fuzzing">{score_text(e.fuzzing, 2)}</td>'
+    )

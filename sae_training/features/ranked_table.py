@@ -3,6 +3,10 @@
 One owner of ``reasonscore_top.json`` / ``.csv`` (names in :mod:`sae_steer_vllm.constants`):
 ``sae-steer score`` writes it, the dashboards and the demo read it. The JSON holds
 ``{"meta": run settings, "features": rows}``; the CSV the same rows (empty cell = None).
+When ``sae-steer explain`` has written explanations (:mod:`~sae_training.features.explanations`)
+each row also carries the feature's explanation and its detection and fuzzing balanced
+accuracies with their 95% intervals, after the token-dependence columns so the
+``likely_token_detector`` flag sits beside them; without that file the table is unchanged.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 
 from sae_steer_vllm.constants import TABLE_CSV, TABLE_JSON
 from sae_steer_vllm.files import atomic_write, atomic_write_json
+from sae_training.features.explanations import ExplanationsFile, FeatureExplanation
 from sae_training.features.feature_stats import FeatureStats
 from sae_training.features.token_dependence import TOKEN_DETECTOR_RATIO, TokenDependence
 
@@ -38,13 +43,39 @@ def select_features(
     return [int(f) for f in ranking.tolist() if float(score[f]) > threshold]
 
 
+EXPLANATION_COLUMNS = (
+    "explanation",
+    "detection",
+    "detection_ci_low",
+    "detection_ci_high",
+    "fuzzing",
+    "fuzzing_ci_low",
+    "fuzzing_ci_high",
+)
+"""The columns explanations add (``None`` for a feature not explained or not scored)."""
+
+
+def explanation_columns(e: FeatureExplanation | None) -> dict[str, Any]:
+    """One row's :data:`EXPLANATION_COLUMNS`."""
+    row: dict[str, Any] = {"explanation": None if e is None else e.explanation}
+    for method in ("detection", "fuzzing"):
+        sc = None if e is None else getattr(e, method)
+        row[method] = None if sc is None else sc.balanced_accuracy
+        row[f"{method}_ci_low"] = None if sc is None else sc.ci_low
+        row[f"{method}_ci_high"] = None if sc is None else sc.ci_high
+    return row
+
+
 def ranked_rows(
     stats: FeatureStats,
     top_k: int = 100,
     token_dep: dict[int, TokenDependence] | None = None,
     quantile: float | None = None,
+    explanations: ExplanationsFile | None = None,
 ) -> list[dict[str, Any]]:
-    """The selected features (:func:`select_features`) with their parts and summaries."""
+    """The selected features (:func:`select_features`) with their parts and summaries, and
+    with ``explanations`` (``sae-steer explain``'s file) the :data:`EXPLANATION_COLUMNS`."""
+    explained = None if explanations is None else explanations.by_feature()
     t = stats.tensors
     groups = stats.groups
     levels = [float(q) for q in t["quantile_levels"].tolist()]
@@ -78,6 +109,8 @@ def ranked_rows(
         row["act_reasoning"] = None if dep is None else dep.reasoning
         row["act_baseline"] = None if dep is None else dep.baseline
         row["likely_token_detector"] = None if dep is None else dep.likely_token_detector
+        if explained is not None:
+            row.update(explanation_columns(explained.get(f)))
         rows.append(row)
     return rows
 
@@ -92,11 +125,13 @@ def write_ranked_table(
     top_k: int = 100,
     token_dep: dict[int, TokenDependence] | None = None,
     quantile: float | None = None,
+    explanations: ExplanationsFile | None = None,
 ) -> tuple[Path, Path]:
     """Write ``reasonscore_top.json`` (rows plus run metadata) and ``reasonscore_top.csv``;
-    the rows are the top ``top_k``, or with ``quantile`` the features above that quantile."""
+    the rows are the top ``top_k``, or with ``quantile`` the features above that quantile;
+    with ``explanations`` their columns too (and the explainer run's settings in the meta)."""
     st = stats if isinstance(stats, FeatureStats) else FeatureStats.load(stats)
-    rows = ranked_rows(st, top_k, token_dep, quantile)
+    rows = ranked_rows(st, top_k, token_dep, quantile, explanations)
     out = Path(out_dir)
     meta = {
         k: st.meta.get(k)
@@ -120,6 +155,8 @@ def write_ranked_table(
     )
     meta["d_sae"] = st.d_sae
     meta["token_detector_rule"] = f"injection_ratio >= {TOKEN_DETECTOR_RATIO}"
+    if explanations is not None:
+        meta["explanations"] = explanations.meta
     doc = {"meta": meta, "features": [{k: _json_safe(v) for k, v in r.items()} for r in rows]}
     jpath = atomic_write_json(out / TABLE_JSON, doc, indent=1)
     buf = io.StringIO(newline="")

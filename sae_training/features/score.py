@@ -7,7 +7,8 @@
    (default ``<sae>/feature_stats.safetensors``; the server reads ``max_activation``);
 2. runs the token-dependence check on the top features
    (:mod:`~sae_training.features.token_dependence`);
-3. writes the ranked table (:mod:`~sae_training.features.ranked_table`);
+3. writes the ranked table (:mod:`~sae_training.features.ranked_table`), with the
+   explanations of an earlier ``sae-steer explain`` run when the output or SAE folder has them;
 4. optionally writes the dashboards (:mod:`~sae_training.features.dashboard`).
 
 ``small=True`` settings (a few thousand tokens) make a whole run take about a minute on
@@ -26,6 +27,7 @@ from sae_steer_vllm.constants import DASHBOARD_DIR, STATS_FILE, TRACE_CORPUS
 from sae_steer_vllm.sae import SAE
 from sae_training.corpus import data_file
 from sae_training.features.dashboard import build_dashboard
+from sae_training.features.explanations import read_explanations
 from sae_training.features.feature_stats import FeatureStats, sae_weights_digest
 from sae_training.features.masks import DEFAULT_WINDOW, build_patterns
 from sae_training.features.ranked_table import write_ranked_table
@@ -228,7 +230,12 @@ def score_sae(
             loaded=loaded,
         )
     jpath, cpath = write_ranked_table(
-        stats, Path(table_dir) if table_dir else out, top_k, dep, quantile=quantile
+        stats,
+        Path(table_dir) if table_dir else out,
+        top_k,
+        dep,
+        quantile=quantile,
+        explanations=read_explanations(out) or read_explanations(sae_path),
     )
     dash = None
     if dashboard_top > 0:

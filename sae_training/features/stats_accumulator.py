@@ -25,7 +25,12 @@ What is accumulated (ignored = special-token positions, excluded everywhere):
   estimate is within ``w`` of ``x_(k)``, hence within ``w + x_(k+1) - x_(k-1)`` of
   ``torch.quantile(x, q)`` (linear interpolation). 256 bins: ``w <= max / 128``;
 * the top-n activating sequences per feature (one example per sequence) with a token
-  window of context and the feature's activations on it, so dashboards need no re-run.
+  window of context and the feature's activations on it, so dashboards need no re-run;
+* for explanations scored on contexts the explainer never saw
+  (:mod:`~sae_training.features.contexts`): a uniform sample of each feature's firing
+  sequences with one context each, and a fixed sample of corpus windows shared by all
+  features with each feature's max on each (:mod:`~sae_training.features.context_sample`
+  documents the ``sample_*`` / ``random_*`` tensors).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from sae_steer_vllm.sae.stats_file import (
     QUANTILE_UNIT_LEVEL,
     STATS_FORMAT_VERSION,
 )
+from sae_training.features.context_sample import ContextSampler, context_window
 from sae_training.features.feature_stats import FeatureStats
 from sae_training.features.reasonscore import DEFAULT_ALPHA, DEFAULT_EPS, reason_score
 
@@ -60,12 +66,23 @@ class StatsConfig:
     ``unit: "quantile"`` multiplies it. Why 0.99 and not 0.999: at the corpus sizes used
     (40k-200k tokens) a feature of density 0.1-1% fires 40-2000 times, so the 0.999 quantile
     is the maximum itself for most features; 0.99 ignores the top 1% of firings."""
+    n_sample: int = 20
+    """activating contexts kept per feature, sampled uniformly over its firing sequences
+    (held-out contexts for scoring explanations). 20 = the 10 held-out contexts
+    ``sae-steer explain`` scores on by default even when all 10 top sequences (shown to the
+    explainer, hence excluded) fall in the sample. Memory and file: ``d x n x W x 8`` bytes"""
+    n_random_windows: int = 128
+    """corpus windows sampled once for all features, with each feature's max on each: a
+    feature's non-activating contexts are those where it is 0. 128 leaves 10 for a feature
+    active on up to ~90% of windows. Memory and file: ``d x n x 4`` bytes"""
 
     def __post_init__(self) -> None:
         if self.n_bins < 2 or self.n_bins & (self.n_bins - 1):
             raise ValueError(f"n_bins must be a power of two >= 2, got {self.n_bins}")
         if self.n_examples < 1 or self.ctx_before < 0 or self.ctx_after < 0:
             raise ValueError("n_examples must be >= 1 and context sizes >= 0")
+        if self.n_sample < 1 or self.n_random_windows < 1:
+            raise ValueError("n_sample and n_random_windows must be >= 1")
         if not all(0.0 < q < 1.0 for q in (*self.quantile_levels, self.unit_quantile)):
             raise ValueError(
                 f"quantile levels must be in (0, 1): {self.quantile_levels}, {self.unit_quantile}"
@@ -101,6 +118,13 @@ class FeatureStatsAccumulator:
         self.ctx_tok = torch.full((n, d_sae, W), -1, dtype=torch.int32)
         self.ctx_act = torch.zeros(n, d_sae, W)
         self._offsets = torch.arange(-self.cfg.ctx_before, self.cfg.ctx_after + 1)
+        self.contexts = ContextSampler(
+            d_sae,
+            self.cfg.n_sample,
+            self.cfg.n_random_windows,
+            self.cfg.ctx_before,
+            self.cfg.ctx_after,
+        )
 
     # ------------------------------------------------------------------ update
     @torch.inference_mode()
@@ -135,10 +159,15 @@ class FeatureStatsAccumulator:
         self.fire += (flat > 0).sum(dim=0)
         chunk_max = flat.max(dim=0).values
         self.max_raw = torch.maximum(self.max_raw, chunk_max)
-        self._update_hist(flat, chunk_max)
-        self._update_top(acts, ids, seq_ids)
+        rows, cols = (flat > 0).nonzero(as_tuple=True)  # SAE codes are >= 0: the non-zero
+        self._update_hist(flat, chunk_max, (rows, cols))
+        seq_max, seq_arg = acts.max(dim=1)  # [S, d]: one example per sequence and feature
+        self.contexts.update(acts, ids, valid, seq_ids, seq_max, (rows, cols))
+        self._update_top(acts, ids, seq_ids, seq_max, seq_arg)
 
-    def _update_hist(self, flat: torch.Tensor, chunk_max: torch.Tensor) -> None:
+    def _update_hist(
+        self, flat: torch.Tensor, chunk_max: torch.Tensor, firing: tuple[torch.Tensor, torch.Tensor]
+    ) -> None:
         nb = self.cfg.n_bins
         fresh = (self.hist_max == 0) & (chunk_max > 0)
         self.hist_max[fresh] = chunk_max[fresh]
@@ -157,17 +186,23 @@ class FeatureStatsAccumulator:
                 merged.scatter_add_(1, dest, self.hist[feats])
                 self.hist[feats] = merged
                 self.hist_max[feats] = (self.hist_max[feats].double() * 2.0**kv).float()
-        rows, cols = flat.nonzero(as_tuple=True)
+        rows, cols = firing
         if rows.numel() == 0:
             return
         vals = flat[rows, cols]
         b = (vals / self.hist_max[cols] * nb).long().clamp(0, nb - 1)
         self.hist.view(-1).index_add_(0, cols * nb + b, torch.ones_like(b))
 
-    def _update_top(self, acts: torch.Tensor, ids: torch.Tensor, seq_ids: torch.Tensor) -> None:
+    def _update_top(
+        self,
+        acts: torch.Tensor,
+        ids: torch.Tensor,
+        seq_ids: torch.Tensor,
+        seq_max: torch.Tensor,
+        seq_arg: torch.Tensor,
+    ) -> None:
         S, T, d = acts.shape
         n = self.cfg.n_examples
-        seq_max, seq_arg = acts.max(dim=1)  # [S, d]: one example per sequence and feature
         seq_max = torch.where(seq_max > 0, seq_max, torch.full_like(seq_max, -1.0))
         all_val = torch.cat([self.top_val, seq_max])
         top_val, src = all_val.topk(n, dim=0)  # all_val has n + S >= n rows
@@ -189,12 +224,7 @@ class FeatureStatsAccumulator:
         if slot.numel():
             s_idx = new_src[slot, feat]
             p_idx = seq_arg[s_idx, feat]
-            P = p_idx.unsqueeze(1) + self._offsets.unsqueeze(0)  # [E, W]
-            inside = (P >= 0) & (P < T)
-            Pc = P.clamp(0, T - 1)
-            s2 = s_idx.unsqueeze(1).expand_as(Pc)
-            tok = torch.where(inside, ids[s2, Pc].to(torch.int32), -1)
-            act = torch.where(inside, acts[s2, Pc, feat.unsqueeze(1).expand_as(Pc)], 0.0)
+            tok, act = context_window(acts, ids, s_idx, p_idx, feat, self._offsets)
             self.ctx_tok[slot, feat] = tok
             self.ctx_act[slot, feat] = act
         empty = top_val <= 0
@@ -275,6 +305,7 @@ class FeatureStatsAccumulator:
             "neg_term": parts.neg_term,
             "entropy_norm": parts.entropy_norm,
             "group_share": parts.group_share,
+            **self.contexts.tensors(),
         }
         meta = dict(metadata or {})
         meta.update(
@@ -287,6 +318,8 @@ class FeatureStatsAccumulator:
                 "ctx_before": self.cfg.ctx_before,
                 "ctx_after": self.cfg.ctx_after,
                 "n_bins": self.cfg.n_bins,
+                "n_sample": self.cfg.n_sample,
+                "n_random_windows": self.cfg.n_random_windows,
                 QUANTILE_UNIT_LEVEL: self.cfg.unit_quantile,
                 "quantile_error_bound": "|q - x_(ceil(qN))| <= hist_max / n_bins "
                 "(<= 2 max / n_bins), x = the feature's sorted non-zero activations",

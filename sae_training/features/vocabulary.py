@@ -8,6 +8,8 @@ reasoning-word rate and the vocabulary tool all read it from here.
 from __future__ import annotations
 
 import json
+import re
+from functools import lru_cache
 from pathlib import Path
 
 from sae_steer_vllm.constants import VOCAB_FILE
@@ -38,3 +40,17 @@ def surface_words(vocab: dict[str, list[str]] | None = None) -> list[str]:
     """Distinct stripped words (case kept), for counting in plain text."""
     vocab = vocab or load_vocabulary()
     return sorted({s.strip() for strings in vocab.values() for s in strings})
+
+
+def count_reasoning_words(text: str, words: list[str] | tuple[str, ...] | None = None) -> int:
+    """Occurrences of vocabulary words in ``text``: case as listed, whole words only (a word
+    inside a longer one, "maybe" in "maybes", does not count). The one counter behind every
+    reasoning-word rate (the eval's per-sample counts, ``sae-steer distill``'s check)."""
+    ws = tuple(words) if words is not None else tuple(surface_words())
+    return len(_vocab_regex(ws).findall(text))
+
+
+@lru_cache(maxsize=4)
+def _vocab_regex(words: tuple[str, ...]) -> re.Pattern[str]:
+    alts = "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
+    return re.compile(rf"(?<![A-Za-z])(?:{alts})(?![A-Za-z])")
