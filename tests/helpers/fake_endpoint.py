@@ -176,6 +176,8 @@ class FakeServer:
         """More POST routes by path (e.g. ``/tokenize``), each answering a JSON body."""
         self.listing: dict[str, Any] | None = None
         """``GET /v1/saes`` answers this (an sae-steer listing) when set; None: 404 (stock vLLM)."""
+        self.refuse_status: int | None = None
+        """Answer every request with this HTTP status (e.g. 401: a key the server refuses)."""
         self.in_flight = 0
         self.token_delay_s = 0.0
         self.max_in_flight = 0
@@ -197,6 +199,9 @@ class FakeServer:
                 self.wfile.write(data)
 
             def do_GET(self) -> None:
+                if outer.refuse_status is not None:
+                    self._send(outer.refuse_status, error_body(outer.refuse_status, "refused"))
+                    return
                 if self.path.rstrip("/") == "/v1/models":
                     self._send(
                         200,
@@ -210,6 +215,9 @@ class FakeServer:
             def do_POST(self) -> None:
                 n = int(self.headers.get("Content-Length", 0))
                 body = json.loads(self.rfile.read(n))
+                if outer.refuse_status is not None:
+                    self._send(outer.refuse_status, error_body(outer.refuse_status, "refused"))
+                    return
                 route = outer.routes.get(self.path.rstrip("/"))
                 if route is not None:
                     self._send(*route(body))
