@@ -40,6 +40,19 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "sae_training.features.dashboard_cli",
         "Static HTML dashboards for the top features.",
     ),
+    "explain": (
+        "benchmarks.interpret.explain_cli",
+        "Explain features with an LLM and score the explanations (detection, fuzzing); "
+        "--steering: what steering each feature does, clustered.",
+    ),
+    "distill": (
+        "sae_training.distill.cli",
+        "Fine-tune the default model on R1 reasoning traces: a reasoning model to diff against.",
+    ),
+    "diff": (
+        "sae_training.diffing.cli",
+        "Model diffing: which SAE features need the reasoning model, reasoning data, or both.",
+    ),
     "eval": (
         "benchmarks.eval",
         "Run AIME / MATH-500 / GSM8K (or any JSONL) against an OpenAI endpoint, with sweeps.",

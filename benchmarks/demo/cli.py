@@ -54,6 +54,15 @@ GROUPS = {
         "scope_arms",
         "scope_strength",
     ),
+    "interpretation": (
+        "distill",
+        "distill_examples",
+        "diff",
+        "diff_tokens",
+        "explain_top",
+        "explain_steering",
+        "explain_max_tokens",
+    ),
     "server": (
         "base_url",
         "sae_name",

@@ -97,6 +97,26 @@ class DemoConfig(CommandConfig):
     """the demo server's --think-end-marker, one token of the model: SmolLM2 has no </think>,
     so the demo ends the "thinking" at its first ` answer` token (as in "So, the answer is
     5."; it never writes the \\boxed the prompt asks for; docs/demo.md, "Where to steer")"""
+    # --- interpretation (off in the default demo; configs/paper_at_cpu_scale.json turns them on)
+    distill: bool = False
+    """study a reasoning model: `sae-steer distill` (the model fine-tuned on the R1 traces,
+    <think>/</think> as single tokens, R1 chat template; cached) replaces --model for the SAE,
+    ReasonScore, the server and the study"""
+    distill_examples: int | None = Field(default=None, gt=0)
+    """R1 traces the distill trains on (default: its own)"""
+    diff: bool = False
+    """model diffing (`sae-steer diff`): the SAE's features across the study's model and the
+    base model, on chat and on reasoning data (needs --distill)"""
+    diff_tokens: int | None = Field(default=None, gt=0)
+    """tokens per model x data condition of the diff (default: its own)"""
+    explain_top: int = Field(default=0, ge=0)
+    """explain the top K ReasonScore features and as many random ones with the served model
+    (`sae-steer explain`: detection and fuzzing scores); 0: none"""
+    explain_steering: int = Field(default=0, ge=0)
+    """describe and cluster what steering the top K features does (`sae-steer explain
+    --steering`, at -/+ --scope-strength); 0: none"""
+    explain_max_tokens: int = Field(default=768, gt=0)
+    """answer budget of each explainer / judge request (the served model reasons first)"""
     # --- server
     base_url: str | None = None
     """use this running server (.../v1) instead of starting one; it must serve the SAE

@@ -27,6 +27,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 from benchmarks.demo.config import DemoConfig, PipelineError
+from benchmarks.demo.interpret_report import write_interpretation_report
+from benchmarks.demo.interpret_steps import (
+    InterpretOutputs,
+    step_diff,
+    step_distill,
+    step_explain,
+    step_steering_effects,
+)
 from benchmarks.demo.report import (
     client_snippet,
     feature_notes,
@@ -315,6 +323,41 @@ def step_report(
     return report
 
 
+def step_interpretation(
+    cfg: DemoConfig,
+    root: Path,
+    sae_dir: Path,
+    model_path: Path,
+    base_model: Path,
+    stats_path: Path,
+    base_url: str,
+    model_name: str,
+    study: Study,
+    timing: dict[str, float],
+) -> InterpretOutputs:
+    """Steps 7-9 (each off unless configured): explanations, steering effects, model diff."""
+    top, rand = study.design.top, study.design.random
+    explained = table = diff = None
+    if cfg.explain_top:
+        with step_header("explain", timing):
+            explained = step_explain(
+                cfg, root, sae_dir, model_path, base_url, model_name, top, rand
+            )
+    if cfg.explain_steering:
+        with step_header("steering effects", timing):
+            table = step_steering_effects(cfg, root, sae_dir, base_url, model_name, top)
+    if cfg.diff:
+        with step_header("diff", timing):
+            diff = step_diff(cfg, root, sae_dir, model_path, base_model, stats_path)
+    return InterpretOutputs(
+        explanations=explained[0] if explained else None,
+        explain_summary=explained[1] if explained else None,
+        steering_table=table,
+        diff_report=diff[0] if diff else None,
+        diff_plot=diff[1] if diff else None,
+    )
+
+
 def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = say) -> dict[str, Any]:
     """Run every step; returns the paths and server details (also printed, and written to
     ``<out>/demo.json``)."""
@@ -324,7 +367,11 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = say) -> dict[str, An
     timing: dict[str, float] = {}
     t_all = time.perf_counter()
     with step_header("model", timing):
-        model_path = step_model(cfg)
+        base_model = step_model(cfg)
+    model_path = base_model
+    if cfg.distill:
+        with step_header("distill", timing):
+            model_path = step_distill(cfg, base_model)
     with step_header("sae", timing):
         sae_dir = step_sae(cfg, root, model_path, state)
     state.record_seconds("sae", timing["sae"])
@@ -348,6 +395,17 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = say) -> dict[str, An
         # the time each step took when it was computed (reused steps keep their original time)
         elapsed = {**timing, **state.seconds()}
         report = step_report(cfg, study, sae_dir, model_path.name, links, elapsed)
+    interp = step_interpretation(
+        cfg, root, sae_dir, model_path, base_model, stats_path, base_url, model_name, study, timing
+    )
+    check = None
+    if cfg.distill:
+        from sae_training.distill import read_check
+
+        check = read_check(model_path)
+    interp_report = write_interpretation_report(
+        root, interp, model_path, check, sae_dir, study.design.top, study.design.random
+    )
     top1 = study.design.top[0]
     out = {
         "root": str(root),
@@ -364,6 +422,8 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = say) -> dict[str, An
         "seconds": round(time.perf_counter() - t_all, 1),
         "step_seconds": {k: round(v, 1) for k, v in timing.items()},
         "top_feature": top1,
+        **{k: str(v) for k, v in interp.__dict__.items() if v is not None},
+        "interpretation": str(interp_report) if interp_report else None,
     }
     atomic_write_json(root / "demo.json", out)
     mode = resolve_mode(cfg.mode, sae_dir)[0]

@@ -1,0 +1,88 @@
+"""The demo's interpretation steps: the CPU-scale config, refusals, and the report page."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks.demo.config import DemoConfig, PipelineError, load_config
+from benchmarks.demo.interpret_report import write_interpretation_report
+from benchmarks.demo.interpret_steps import InterpretOutputs, step_diff, step_distill
+from sae_training.features.explanations import (
+    ExplanationScore,
+    ExplanationsFile,
+    FeatureExplanation,
+    write_explanations,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_cpu_scale_config_turns_every_part_on() -> None:
+    cfg = load_config(REPO / "configs" / "paper_at_cpu_scale.json", {})
+    assert cfg.distill and cfg.diff and cfg.explain_top > 0 and cfg.explain_steering > 0
+    assert (cfg.think_start_marker, cfg.think_end_marker) == ("<think>", "</think>")
+    assert min(cfg.strengths) < 1.0  # strengths where outputs stay fluent are included
+    assert cfg.out != DemoConfig().out  # never mixes with the default demo's folder
+
+
+def test_steps_are_off_by_default_and_diff_needs_the_distill(tmp_path: Path) -> None:
+    cfg = DemoConfig()
+    assert step_distill(cfg, tmp_path) == tmp_path  # off: the base model, nothing run
+    assert step_diff(cfg, tmp_path, tmp_path, tmp_path, tmp_path, tmp_path) is None
+    on = DemoConfig(diff=True)
+    with pytest.raises(PipelineError, match="add --distill"):
+        step_diff(on, tmp_path, tmp_path, tmp_path, tmp_path, tmp_path)
+
+
+def _score(ba: float) -> ExplanationScore:
+    return ExplanationScore(
+        balanced_accuracy=ba, ci_low=0.0, ci_high=1.0, n_positive=4, n_negative=4
+    )
+
+
+def test_report_page_reads_each_steps_files(tmp_path: Path) -> None:
+    feats = [
+        FeatureExplanation(
+            feature=f, explanation=f"words | {f}", detection=_score(d), fuzzing=_score(z)
+        )
+        for f, d, z in [(1, 0.9, 0.7), (2, 0.7, 0.5), (3, 0.5, 0.5), (4, 0.6, 0.4)]
+    ]
+    expl = write_explanations(tmp_path / "e.json", ExplanationsFile(features=feats))
+    table = tmp_path / "steering_effects.md"
+    table.write_text("# Steering effects\n\n| cluster | features |\n|---|---|\n| hedging | 1 |\n")
+    check = {
+        "before": {"closed_think_share": 0.0, "reasoning_word_rate": 0.1, "n_problems": 8},
+        "after": {"closed_think_share": 0.75, "reasoning_word_rate": 2.5, "held_out_loss": 1.2},
+        "held_out_loss_before": 1.9,
+    }
+    outs = InterpretOutputs(explanations=expl, steering_table=table)
+    page = write_interpretation_report(
+        tmp_path, outs, Path("m"), check, Path("sae"), [1, 2], [3, 4]
+    )
+    assert page is not None
+    text = page.read_text()
+    assert "| completions closing `</think>` | 0% | 75% |" in text
+    assert "| held-out trace loss (nats/token) | 1.900 | 1.200 |" in text
+    # top: detection mean of 0.9 and 0.7; random: 0.5 and 0.6
+    assert "| top ReasonScore | 0.80 [" in text and "| random | 0.55 [" in text
+    assert "| 1 | top | words \\| 1 | 0.90 | 0.70 |" in text
+    assert "## Steering effects" in text  # the included table's heading, nested one level
+    assert "## Model diffing (`sae-steer diff`)\n\nNot run." in text
+
+
+def test_no_page_when_nothing_ran(tmp_path: Path) -> None:
+    assert (
+        write_interpretation_report(
+            tmp_path, InterpretOutputs(), Path("m"), None, Path("s"), [], []
+        )
+        is None
+    )
+    assert not (tmp_path / "interpretation.md").exists()
+
+
+def test_default_config_file_lists_the_new_options() -> None:
+    raw = json.loads((REPO / "configs" / "demo_default.json").read_text())
+    assert raw["explain_top"] == 0 and raw["distill"] is False and raw["diff"] is False
