@@ -56,7 +56,6 @@ GROUPS = {
     ),
     "interpretation": (
         "distill",
-        "distill_examples",
         "diff",
         "diff_tokens",
         "explain_top",

@@ -102,8 +102,6 @@ class DemoConfig(CommandConfig):
     """study a reasoning model: `sae-steer distill` (the model fine-tuned on the R1 traces,
     <think>/</think> as single tokens, R1 chat template; cached) replaces --model for the SAE,
     ReasonScore, the server and the study"""
-    distill_examples: int | None = Field(default=None, gt=0)
-    """R1 traces the distill trains on (default: its own)"""
     diff: bool = False
     """model diffing (`sae-steer diff`): the SAE's features across the study's model and the
     base model, on chat and on reasoning data (needs --distill)"""

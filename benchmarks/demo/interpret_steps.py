@@ -31,10 +31,7 @@ def step_distill(cfg: DemoConfig, base: Path) -> Path:
         return base
     from sae_training.distill import DistillConfig, distill_model
 
-    opts: dict[str, object] = {"base": base}
-    if cfg.distill_examples is not None:
-        opts["max_examples"] = cfg.distill_examples
-    out = distill_model(DistillConfig.model_validate(opts))
+    out = distill_model(DistillConfig.model_validate({"base": base}))
     say(f"reasoning model: {out}")
     return out
 
