@@ -5,6 +5,7 @@ resuming exact, and the one reasoning-word counter."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 from helpers.corpora import trace_records, write_jsonl
 from helpers.models import default_tokenizer_dir, make_tiny_llama, make_tiny_qwen2
-from helpers.r1_tokenizer import R1_TEMPLATE_THINK_PROMPT, r1_tokenizer
+from helpers.r1_tokenizer import r1_tokenizer
 
 from benchmarks.metrics import count_reasoning_words as eval_counter
 from sae_training.corpus import THINK_CLOSE, THINK_OPEN, render_trace
@@ -44,7 +45,8 @@ def _tokenizers() -> tuple[Any, Any]:
 def test_template_and_tokens_match_the_r1_stand_in_byte_for_byte() -> None:
     """The package's template is the published R1-distill revision the tests' stand-in pins by
     sha256, and conversations render and tokenize identically with both tokenizers."""
-    assert PACKAGE_TEMPLATE == R1_TEMPLATE_THINK_PROMPT
+    digest = hashlib.sha256(PACKAGE_TEMPLATE.encode()).hexdigest()
+    assert digest == "56a1447ad31926fdc21fb07e56e5642bd9c850c4f52d8c8af7bbe5f079a84f5f"
     _, tok = _tokenizers()
     ref = r1_tokenizer(opens_think=True)
     conv = [

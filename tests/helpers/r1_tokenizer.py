@@ -27,6 +27,10 @@ What is exact, and where it comes from:
   flags as in DeepSeek-R1-Distill-Qwen-1.5B's ``tokenizer_config.json`` quoted in public code,
   which the Llama-8B file shares).
 
+The templates' text lives in the product (``sae_training/distill/tokenizer.py``, which gives
+``sae-steer distill``'s model the same surface); ``tests/test_r1_templates.py`` pins both by the
+sha256 above.
+
 What is not exact: the ordinary-text vocabulary is SmolLM2's (49,152 byte-level BPE pieces,
 not Llama 3's 128k), so ids differ from the real model's; every test reads ids from this
 tokenizer, never hard-coded. The R1 tokens get ids 49152 and up.
@@ -40,55 +44,17 @@ from typing import Any
 
 import torch
 
+from sae_training.corpus import THINK_CLOSE, THINK_OPEN
+from sae_training.distill.tokenizer import (  # the product's copy is the one owner
+    ASSISTANT,
+    BOS,
+    EOS,
+    R1_TEMPLATE_JAN_2025,
+    R1_TEMPLATE_THINK_PROMPT,
+    USER,
+)
+
 from .models import default_tokenizer_dir, tiny_causal_lm
-
-BOS = "<｜begin▁of▁sentence｜>"
-EOS = "<｜end▁of▁sentence｜>"
-USER = "<｜User｜>"
-ASSISTANT = "<｜Assistant｜>"
-THINK_OPEN = "<think>"
-THINK_CLOSE = "</think>"
-
-R1_TEMPLATE_JAN_2025 = (
-    r"{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}"
-    r"{% endif %}"
-    r"{% set ns = namespace(is_first=false, is_tool=false, is_output_first=true, system_prompt='') %}"
-    r"{%- for message in messages %}{%- if message['role'] == 'system' %}"
-    r"{% set ns.system_prompt = message['content'] %}{%- endif %}"
-    r"{%- endfor %}{{bos_token}}{{ns.system_prompt}}{%- for message in messages %}"
-    r"{%- if message['role'] == 'user' %}"
-    r"{%- set ns.is_tool = false -%}{{'<｜User｜>' + message['content']}}{%- endif %}"
-    r"{%- if message['role'] == 'assistant' and message['content'] is none %}"
-    r"{%- set ns.is_tool = false -%}{%- for tool in message['tool_calls']%}"
-    r"{%- if not ns.is_first %}{{'<｜Assistant｜><｜tool▁calls▁begin｜><｜tool▁call▁begin｜>' + tool['type'] + '<｜tool▁sep｜>' + tool['function']['name'] + '\n' + '```json' + '\n' + tool['function']['arguments'] + '\n' + '```' + '<｜tool▁call▁end｜>'}}"
-    r"{%- set ns.is_first = true -%}"
-    r"{%- else %}{{'\n' + '<｜tool▁call▁begin｜>' + tool['type'] + '<｜tool▁sep｜>' + tool['function']['name'] + '\n' + '```json' + '\n' + tool['function']['arguments'] + '\n' + '```' + '<｜tool▁call▁end｜>'}}{{'<｜tool▁calls▁end｜><｜end▁of▁sentence｜>'}}"
-    r"{%- endif %}{%- endfor %}{%- endif %}"
-    r"{%- if message['role'] == 'assistant' and message['content'] is not none %}"
-    r"{%- if ns.is_tool %}{{'<｜tool▁outputs▁end｜>' + message['content'] + '<｜end▁of▁sentence｜>'}}"
-    r"{%- set ns.is_tool = false -%}{%- else %}{% set content = message['content'] %}"
-    r"{% if '</think>' in content %}{% set content = content.split('</think>')[-1] %}"
-    r"{% endif %}{{'<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>'}}{%- endif %}{%- endif %}"
-    r"{%- if message['role'] == 'tool' %}{%- set ns.is_tool = true -%}"
-    r"{%- if ns.is_output_first %}{{'<｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>' + message['content'] + '<｜tool▁output▁end｜>'}}"
-    r"{%- set ns.is_output_first = false %}"
-    r"{%- else %}{{'\n<｜tool▁output▁begin｜>' + message['content'] + '<｜tool▁output▁end｜>'}}"
-    r"{%- endif %}{%- endif %}{%- endfor -%}{% if ns.is_tool %}{{'<｜tool▁outputs▁end｜>'}}"
-    r"{% endif %}{% if add_generation_prompt and not ns.is_tool %}{{'<｜Assistant｜>'}}"
-    r"{% endif %}"
-)
-
-_JAN_GENERATION_PROMPT = (
-    r"{% if add_generation_prompt and not ns.is_tool %}{{'<｜Assistant｜>'}}{% endif %}"
-)
-_THINK_GENERATION_PROMPT = (
-    r"{% if add_generation_prompt and not ns.is_tool %}{{'<｜Assistant｜><think>\n'}}{% endif %}"
-)
-assert R1_TEMPLATE_JAN_2025.endswith(_JAN_GENERATION_PROMPT)
-R1_TEMPLATE_THINK_PROMPT = (
-    R1_TEMPLATE_JAN_2025[: -len(_JAN_GENERATION_PROMPT)] + _THINK_GENERATION_PROMPT
-)
-"""The revised template: generation prompt ``<｜Assistant｜><think>\\n``, nothing else changed."""
 
 _MARKER = "r1_stand_in.json"
 _TOKENIZER_FILES = (
