@@ -86,3 +86,15 @@ def test_no_page_when_nothing_ran(tmp_path: Path) -> None:
 def test_default_config_file_lists_the_new_options() -> None:
     raw = json.loads((REPO / "configs" / "demo_default.json").read_text())
     assert raw["explain_top"] == 0 and raw["distill"] is False and raw["diff"] is False
+
+
+def test_step_headers_count_the_steps_this_run_takes() -> None:
+    from benchmarks.demo.run import active_steps
+    from benchmarks.demo.state import STEPS
+
+    assert active_steps(DemoConfig()) == STEPS  # the default demo: six steps, as before
+    paper = load_config(REPO / "configs" / "paper_at_cpu_scale.json", {})
+    assert active_steps(paper) == (
+        "model", "distill", "sae", "score", "server", "study", "report",
+        "explain", "steering effects", "diff",
+    )  # fmt: skip

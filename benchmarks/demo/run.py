@@ -43,7 +43,7 @@ from benchmarks.demo.report import (
     sae_summary,
 )
 from benchmarks.demo.server import step_server
-from benchmarks.demo.state import State, file_digest, say, step_header
+from benchmarks.demo.state import ALL_STEPS, State, file_digest, say, step_header
 from benchmarks.demo.steps import step_model, step_sae, step_score
 from benchmarks.demo.study import StudyDesign, analyse, choose_random_features, make_design
 from benchmarks.demo.study_report import ReportContext, plot_study, write_study_report
@@ -334,20 +334,21 @@ def step_interpretation(
     model_name: str,
     study: Study,
     timing: dict[str, float],
+    steps: tuple[str, ...],
 ) -> InterpretOutputs:
     """Steps 7-9 (each off unless configured): explanations, steering effects, model diff."""
     top, rand = study.design.top, study.design.random
     explained = table = diff = None
     if cfg.explain_top:
-        with step_header("explain", timing):
+        with step_header("explain", timing, steps):
             explained = step_explain(
                 cfg, root, sae_dir, model_path, base_url, model_name, top, rand
             )
     if cfg.explain_steering:
-        with step_header("steering effects", timing):
+        with step_header("steering effects", timing, steps):
             table = step_steering_effects(cfg, root, sae_dir, base_url, model_name, top)
     if cfg.diff:
-        with step_header("diff", timing):
+        with step_header("diff", timing, steps):
             diff = step_diff(cfg, root, sae_dir, model_path, base_model, stats_path)
     return InterpretOutputs(
         explanations=explained[0] if explained else None,
@@ -358,6 +359,17 @@ def step_interpretation(
     )
 
 
+def active_steps(cfg: DemoConfig) -> tuple[str, ...]:
+    """The steps this configuration takes, in run order (for the ``[n/N]`` headers)."""
+    off = {
+        "distill": not cfg.distill,
+        "explain": not cfg.explain_top,
+        "steering effects": not cfg.explain_steering,
+        "diff": not cfg.diff,
+    }
+    return tuple(s for s in ALL_STEPS if not off.get(s, False))
+
+
 def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = say) -> dict[str, Any]:
     """Run every step; returns the paths and server details (also printed, and written to
     ``<out>/demo.json``)."""
@@ -365,23 +377,24 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = say) -> dict[str, An
     root.mkdir(parents=True, exist_ok=True)
     state = State(root)
     timing: dict[str, float] = {}
+    steps = active_steps(cfg)
     t_all = time.perf_counter()
-    with step_header("model", timing):
+    with step_header("model", timing, steps):
         base_model = step_model(cfg)
     model_path = base_model
     if cfg.distill:
-        with step_header("distill", timing):
+        with step_header("distill", timing, steps):
             model_path = step_distill(cfg, base_model)
-    with step_header("sae", timing):
+    with step_header("sae", timing, steps):
         sae_dir = step_sae(cfg, root, model_path, state)
     state.record_seconds("sae", timing["sae"])
-    with step_header("score", timing):
+    with step_header("score", timing, steps):
         stats_path, table_path, index = step_score(cfg, root, sae_dir, model_path, state)
     state.record_seconds("score", timing["score"])
-    with step_header("server", timing):
+    with step_header("server", timing, steps):
         base_url, model_name, rec = step_server(cfg, root, sae_dir, stats_path, model_path, state)
     state.record_seconds("server", timing["server"])
-    with step_header("study", timing):
+    with step_header("study", timing, steps):
         study = step_study(cfg, root, sae_dir, stats_path, table_path, base_url, model_name, state)
     if study.changed:
         state.mark("study", study.key, True, seconds=round(timing["study"], 1))
@@ -391,12 +404,22 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = say) -> dict[str, An
         "ranked table": str(table_path),
         "dashboards": str(index),
     }
-    with step_header("report", timing):
+    with step_header("report", timing, steps):
         # the time each step took when it was computed (reused steps keep their original time)
         elapsed = {**timing, **state.seconds()}
         report = step_report(cfg, study, sae_dir, model_path.name, links, elapsed)
     interp = step_interpretation(
-        cfg, root, sae_dir, model_path, base_model, stats_path, base_url, model_name, study, timing
+        cfg,
+        root,
+        sae_dir,
+        model_path,
+        base_model,
+        stats_path,
+        base_url,
+        model_name,
+        study,
+        timing,
+        steps,
     )
     check = None
     if cfg.distill:

@@ -20,8 +20,16 @@ from sae_steer_vllm.constants import DEMO_STATE_FILE
 from sae_steer_vllm.files import atomic_write_json, sha256_file
 
 STEPS = ("model", "sae", "score", "server", "study", "report")
+"""The default demo's steps, in order."""
+ALL_STEPS: tuple[str, ...] = ("model", "distill", "sae", "score", "server", "study", "report")
+ALL_STEPS += ("explain", "steering effects", "diff")
+"""Every step in run order, with the optional interpretation ones (``--distill``, ...)."""
 TITLES = {
     "model": "Prepare the model",
+    "distill": "Distill a reasoning model (sae-steer distill)",
+    "explain": "Explain the top and random features (sae-steer explain)",
+    "steering effects": "What steering does, in words (sae-steer explain --steering)",
+    "diff": "Model diffing against the base model (sae-steer diff)",
     "sae": "Collect activations and train the SAE",
     "score": "ReasonScore, feature statistics and dashboards",
     "server": "Start the steering server",
@@ -75,9 +83,12 @@ class State:
 
 
 @contextmanager
-def step_header(step: str, timing: dict[str, float]) -> Iterator[None]:
-    """Print the step's ``━━ [n/6] title ━━`` header and time the block into ``timing``."""
-    say(f"\n━━ [{STEPS.index(step) + 1}/{len(STEPS)}] {TITLES[step]} ━━")
+def step_header(
+    step: str, timing: dict[str, float], steps: tuple[str, ...] = STEPS
+) -> Iterator[None]:
+    """Print the step's ``━━ [n/N] title ━━`` header (n of the ``steps`` this run takes) and
+    time the block into ``timing``."""
+    say(f"\n━━ [{steps.index(step) + 1}/{len(steps)}] {TITLES[step]} ━━")
     t0 = time.perf_counter()
     yield
     timing[step] = time.perf_counter() - t0
