@@ -98,3 +98,23 @@ def test_step_headers_count_the_steps_this_run_takes() -> None:
         "model", "distill", "sae", "score", "server", "study", "report",
         "explain", "steering effects", "diff",
     )  # fmt: skip
+
+
+def test_interpretation_features_come_from_the_ranked_table_not_the_study_arms() -> None:
+    """--explain-top 4 with a 2-feature study still explains the top 4 and 4 random ones."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from benchmarks.demo.run import interpret_features
+
+    table = {"features": [{"feature": f} for f in (9, 7, 5, 3, 1)]}
+    max_act = torch.zeros(20)
+    max_act[[2, 4, 6, 8, 10, 12, 9, 7, 5, 3]] = 1.0  # live features; 0, 11, 13... never fire
+    study = SimpleNamespace(table=table, stats={"max_activation": max_act})
+    cfg = DemoConfig(n_features=2, explain_top=4, explain_steering=1)
+    top, rand = interpret_features(cfg, study)  # type: ignore[arg-type]
+    assert top == [9, 7, 5, 3]
+    assert len(rand) == 4 and not set(rand) & set(top)
+    assert all(max_act[f] > 0 for f in rand)  # live random controls only
+    assert interpret_features(cfg, study) == (top, rand)  # type: ignore[arg-type]  # seeded

@@ -66,7 +66,10 @@ def step_explain(
     from benchmarks.interpret.explain_cli import ExplainConfig, run_explain
 
     features = top[: cfg.explain_top] + random[: cfg.explain_top]
-    say(f"explaining features {features} with the served model ({len(top)} top, random rest)")
+    n = cfg.explain_top
+    say(
+        f"explaining features {features} with the served model ({n} top by ReasonScore, {n} random)"
+    )
     cmd = ExplainConfig.model_validate(
         {
             "sae": sae_dir,

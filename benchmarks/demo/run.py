@@ -323,6 +323,15 @@ def step_report(
     return report
 
 
+def interpret_features(cfg: DemoConfig, study: Study) -> tuple[list[int], list[int]]:
+    """The interpretation steps' features: the top K of the ranked table (K may exceed the
+    study's ``--n-features``) and as many seeded live random ones."""
+    k = max(cfg.explain_top, cfg.explain_steering)
+    top = [int(r["feature"]) for r in study.table["features"][:k]]
+    rand = choose_random_features(study.stats["max_activation"].tolist(), top, k, cfg.seed)
+    return top, rand
+
+
 def step_interpretation(
     cfg: DemoConfig,
     root: Path,
@@ -337,7 +346,7 @@ def step_interpretation(
     steps: tuple[str, ...],
 ) -> InterpretOutputs:
     """Steps 7-9 (each off unless configured): explanations, steering effects, model diff."""
-    top, rand = study.design.top, study.design.random
+    top, rand = interpret_features(cfg, study)
     explained = table = diff = None
     if cfg.explain_top:
         with step_header("explain", timing, steps):
@@ -427,7 +436,7 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = say) -> dict[str, An
 
         check = read_check(model_path)
     interp_report = write_interpretation_report(
-        root, interp, model_path, check, sae_dir, study.design.top, study.design.random
+        root, interp, model_path, check, sae_dir, *interpret_features(cfg, study)
     )
     top1 = study.design.top[0]
     out = {

@@ -83,6 +83,13 @@ def plot_scores(done: Sequence[FeatureExplanation], path: Path) -> Path | None:
     return path
 
 
+def _interval(d: Distribution) -> str:
+    """``[lo, hi]``, or ``(one feature: no interval)`` where the spread is unknown."""
+    if d.n < 2:
+        return "(one feature: no interval)"
+    return f"[{d.ci_low:.3f}, {d.ci_high:.3f}]"
+
+
 def _fmt(s: Any) -> str:
     if s is None:
         return "–"
@@ -124,7 +131,7 @@ def write_summary(
             lines.append(f"| {m} | 0 | – | – | – |")
         else:
             lines.append(
-                f"| {m} | {d.n} | {d.mean:.3f} [{d.ci_low:.3f}, {d.ci_high:.3f}] | "
+                f"| {m} | {d.n} | {d.mean:.3f} {_interval(d)} | "
                 f"{d.median:.3f} | {d.q25:.3f} – {d.q75:.3f} |"
             )
     lines.append("")
