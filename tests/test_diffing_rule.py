@@ -124,3 +124,14 @@ def test_reasoning_model_is_told_by_the_template() -> None:
     for both in (True, False):
         with pytest.raises(UsageError, match="--reasoning-model a or b"):
             pick_reasoning_model("auto", both, both)
+
+
+def test_wilson_is_exact_at_the_bounds() -> None:
+    """0 of n and n of n give intervals that contain 0 and 1 exactly (a rounding residue
+    made the plot's error bars negative on a real run)."""
+    from sae_training.diffing.compare import wilson
+
+    for n in (1, 3, 7, 30, 1000):
+        assert wilson(0, n)[0] == 0.0 and wilson(n, n)[1] == 1.0
+        lo, hi = wilson(0, n)
+        assert 0.0 < hi < 1.0

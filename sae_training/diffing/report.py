@@ -151,8 +151,9 @@ def _plot(path: Path, doc: dict[str, Any], arrays: dict[str, torch.Tensor]) -> P
         width = 0.28
         for j, (field, label) in enumerate((("top", "ReasonScore top-k"), ("random", "random"))):
             shares = [per[k][f"{field}_share"] for k in keys]
-            lo = [shares[i] - per[k][f"{field}_ci"][0] for i, k in enumerate(keys)]
-            hi = [per[k][f"{field}_ci"][1] - shares[i] for i, k in enumerate(keys)]
+            # clipped at 0: an interval edge equal to the share can differ from it by rounding
+            lo = [max(0.0, shares[i] - per[k][f"{field}_ci"][0]) for i, k in enumerate(keys)]
+            hi = [max(0.0, per[k][f"{field}_ci"][1] - shares[i]) for i, k in enumerate(keys)]
             ax_cls.bar(
                 [x + (j - 1) * width for x in xs],
                 shares,
