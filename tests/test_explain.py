@@ -78,6 +78,12 @@ def test_parse_explanation_is_lenient_but_never_guesses() -> None:
     )
     assert parse_explanation("**Explanation:** Numbers in a sum.") == "Numbers in a sum."
     assert parse_explanation("Commas between clauses") == "Commas between clauses"
+    # what SmolLM2-135M answered on a real run: a bare label, and the instruction copied back
+    assert parse_explanation("Answer:") is None
+    assert parse_explanation("Explanation: Answer:") is None
+    assert parse_explanation("Numbers") is None
+    echo = "The feature detects the concept, word, or pattern that the marked tokens and their "
+    assert parse_explanation(f"Explanation: {echo}contexts have in common.") is None
     assert parse_explanation('Explanation: "Negation words"') == "Negation words"
     assert parse_explanation("Explanation: <your explanation>") is None
     assert parse_explanation("I looked.\nHard to say.") is None

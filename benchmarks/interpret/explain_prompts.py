@@ -160,7 +160,23 @@ def parse_explanation(answer: str) -> str | None:
         exp = exp[1:-1].strip()  # quoted as a whole
     if not exp or exp.startswith("<"):  # empty, or the template's placeholder echoed
         return None
+    if exp.endswith(":") or len(re.findall(r"\w+", exp)) < 2:  # a label, not an explanation
+        return None
+    if _normal(exp) in _INSTRUCTION:  # the instruction sentence copied back
+        return None
     return exp[:MAX_EXPLANATION_CHARS]
+
+
+def _normal(text: str) -> str:
+    return " ".join(re.findall(r"\w+", text.lower()))
+
+
+_INSTRUCTION = _normal(
+    "the feature detects the concept, word, or pattern that the marked tokens and their "
+    "contexts have in common"
+)
+"""What a weak explainer echoes from :func:`explain_prompt`'s instruction (seen from
+SmolLM2-135M): never an explanation of a feature."""
 
 
 _LIST = re.compile(r"\[([^\[\]]*)\]")
