@@ -52,9 +52,27 @@ from sae_training.distill.tokenizer import (  # the product's copy is the one ow
     R1_TEMPLATE_JAN_2025,
     R1_TEMPLATE_THINK_PROMPT,
     USER,
+    r1_style_tokenizer,
 )
 
 from .models import default_tokenizer_dir, tiny_causal_lm
+
+# re-exported for the tests that spell the R1 tokens
+__all__ = [
+    "ASSISTANT",
+    "BOS",
+    "EOS",
+    "R1_TEMPLATE_JAN_2025",
+    "R1_TEMPLATE_THINK_PROMPT",
+    "THINK_CLOSE",
+    "THINK_OPEN",
+    "USER",
+    "make_r1_tokenizer",
+    "make_tiny_r1_llama",
+    "make_tiny_r1_qwen2",
+    "r1_chat_template",
+    "r1_tokenizer",
+]
 
 _MARKER = "r1_stand_in.json"
 _TOKENIZER_FILES = (
@@ -73,30 +91,13 @@ def r1_chat_template(*, opens_think: bool) -> str:
 
 
 def r1_tokenizer(*, opens_think: bool) -> Any:
-    """The stand-in tokenizer in memory (see :func:`make_r1_tokenizer` for a folder)."""
-    from tokenizers import AddedToken
-    from tokenizers.processors import TemplateProcessing
+    """The stand-in tokenizer in memory (see :func:`make_r1_tokenizer` for a folder): the
+    product's R1 surface (``sae_training.distill.tokenizer.r1_style_tokenizer``: the tokens and
+    their flags, BOS prepended to plain text as ``add_bos_token: true`` does) on SmolLM2's
+    vocabulary, with either template."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(default_tokenizer_dir()))
-    tok.add_special_tokens(
-        {
-            "bos_token": AddedToken(BOS, special=True, normalized=False),
-            "eos_token": AddedToken(EOS, special=True, normalized=False),
-            "pad_token": AddedToken(EOS, special=True, normalized=False),
-        }
-    )
-    tok.add_tokens(
-        [
-            AddedToken(t, special=False, normalized=False)
-            for t in (USER, ASSISTANT, THINK_OPEN, THINK_CLOSE)
-        ]
-    )
-    bos_id = tok.convert_tokens_to_ids(BOS)
-    # the real tokenizer prepends BOS to plain text (add_bos_token: true)
-    tok.backend_tokenizer.post_processor = TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
-    )
+    tok = r1_style_tokenizer(AutoTokenizer.from_pretrained(str(default_tokenizer_dir())))
     tok.chat_template = r1_chat_template(opens_think=opens_think)
     return tok
 
