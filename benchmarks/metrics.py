@@ -26,15 +26,17 @@ Definitions (also in docs/eval.md):
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from functools import lru_cache
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from benchmarks.grading import normalize_for_vote
+
+# the one reasoning-word counter (also behind `sae-steer distill`'s check), re-exported here
+# as the eval's per-sample measure
+from sae_training.features.vocabulary import count_reasoning_words as count_reasoning_words
 
 THINK_END = "</think>"
 
@@ -55,24 +57,6 @@ def estimate_reasoning_tokens(text: str, completion_tokens: int) -> int:
     if not found or not text:
         return completion_tokens
     return int(round(completion_tokens * len(before) / len(text)))
-
-
-@lru_cache(maxsize=4)
-def _vocab_regex(words: tuple[str, ...]) -> re.Pattern[str]:
-    alts = "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
-    return re.compile(rf"(?<![A-Za-z])(?:{alts})(?![A-Za-z])")
-
-
-def default_vocab_words() -> tuple[str, ...]:
-    from sae_training.features.vocabulary import surface_words
-
-    return tuple(surface_words())
-
-
-def count_reasoning_words(text: str, words: Sequence[str] | None = None) -> int:
-    """Occurrences of vocabulary words (case as listed, whole words) in ``text``."""
-    ws = tuple(words) if words is not None else default_vocab_words()
-    return len(_vocab_regex(ws).findall(text))
 
 
 # ------------------------------------------------------------ degeneration

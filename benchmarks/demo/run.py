@@ -341,12 +341,13 @@ def step_interpretation(
     stats_path: Path,
     base_url: str,
     model_name: str,
-    study: Study,
+    top: list[int],
+    rand: list[int],
     timing: dict[str, float],
     steps: tuple[str, ...],
 ) -> InterpretOutputs:
-    """Steps 7-9 (each off unless configured): explanations, steering effects, model diff."""
-    top, rand = interpret_features(cfg, study)
+    """Steps 7-9 (each off unless configured): explanations, steering effects, model diff,
+    of the features :func:`interpret_features` chose."""
     explained = table = diff = None
     if cfg.explain_top:
         with step_header("explain", timing, steps):
@@ -417,6 +418,7 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = say) -> dict[str, An
         # the time each step took when it was computed (reused steps keep their original time)
         elapsed = {**timing, **state.seconds()}
         report = step_report(cfg, study, sae_dir, model_path.name, links, elapsed)
+    top, rand = interpret_features(cfg, study)
     interp = step_interpretation(
         cfg,
         root,
@@ -426,7 +428,8 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = say) -> dict[str, An
         stats_path,
         base_url,
         model_name,
-        study,
+        top,
+        rand,
         timing,
         steps,
     )
@@ -435,9 +438,7 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = say) -> dict[str, An
         from sae_training.distill import read_check
 
         check = read_check(model_path)
-    interp_report = write_interpretation_report(
-        root, interp, model_path, check, sae_dir, *interpret_features(cfg, study)
-    )
+    interp_report = write_interpretation_report(root, interp, model_path, check, sae_dir, top, rand)
     top1 = study.design.top[0]
     out = {
         "root": str(root),
