@@ -248,6 +248,16 @@ async def check_endpoint(client: Any, model: str | None, *, attempts: int = 2) -
     return ids
 
 
+async def served_by_vllm(client: Any) -> bool:
+    """Whether the endpoint is a vLLM server (its ``/v1/models`` entries say ``owned_by:
+    vllm``): only then are vLLM's own request fields (structured outputs) sent."""
+    try:
+        page = await client.models.list()
+    except openai.OpenAIError:
+        return False
+    return bool(page.data) and all(getattr(m, "owned_by", None) == "vllm" for m in page.data)
+
+
 async def first_served_model(base_url: str, *, api_key: str = "EMPTY") -> str:
     """The first model the server lists (what ``--model`` defaults to)."""
     client = make_client(base_url, api_key=api_key, timeout_s=30)

@@ -37,9 +37,14 @@ def test_steps_are_off_by_default_and_diff_needs_the_distill(tmp_path: Path) -> 
         step_diff(on, tmp_path, tmp_path, tmp_path, tmp_path, tmp_path)
 
 
-def _score(ba: float) -> ExplanationScore:
+def _score(ba: float, unclear: int = 0) -> ExplanationScore:
     return ExplanationScore(
-        balanced_accuracy=ba, ci_low=0.0, ci_high=1.0, n_positive=4, n_negative=4
+        balanced_accuracy=ba,
+        ci_low=0.0,
+        ci_high=1.0,
+        n_positive=4,
+        n_negative=4,
+        n_unclear=unclear,
     )
 
 
@@ -50,7 +55,10 @@ def test_report_page_reads_each_steps_files(tmp_path: Path) -> None:
         )
         for f, d, z in [(1, 0.9, 0.7), (2, 0.7, 0.5), (3, 0.5, 0.5), (4, 0.6, 0.4)]
     ]
-    expl = write_explanations(tmp_path / "e.json", ExplanationsFile(features=feats))
+    feats[3] = feats[3].model_copy(update={"fuzzing": _score(0.0, unclear=2)})
+    expl = write_explanations(
+        tmp_path / "e.json", ExplanationsFile(meta={"constrained": True}, features=feats)
+    )
     table = tmp_path / "steering_effects.md"
     table.write_text("# Steering effects\n\n| cluster | features |\n|---|---|\n| hedging | 1 |\n")
     check = {
@@ -68,7 +76,9 @@ def test_report_page_reads_each_steps_files(tmp_path: Path) -> None:
     assert "| held-out trace loss (nats/token) | 1.900 | 1.200 |" in text
     # top: detection mean of 0.9 and 0.7; random: 0.5 and 0.6
     assert "| top ReasonScore | 0.80 [" in text and "| random | 0.55 [" in text
-    assert "| 1 | top | words \\| 1 | 0.90 | 0.70 |" in text
+    assert "| 1 | top | words \\| 1 | 0.90 [0.00, 1.00] | 0.70 [0.00, 1.00] |" in text
+    assert "| 0.00 [0.00, 1.00] (2 unreadable answers) |" in text  # never a silent 0
+    assert "answers constrained to the form that is read" in text
     assert "## Steering effects" in text  # the included table's heading, nested one level
     assert "## Model diffing (`sae-steer diff`)\n\nNot run." in text
 

@@ -5,9 +5,11 @@ whose answers make every score exact (:mod:`helpers.explain_judge`)."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import math
 import random
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,9 +20,11 @@ from helpers.fake_endpoint import FakeModel, FakeServer
 from benchmarks.client import RetryPolicy
 from benchmarks.interpret.explain_log import ExplainLog
 from benchmarks.interpret.explain_prompts import (
+    EXPLANATION_REGEX,
     parse_explanation,
     parse_verdicts,
     render,
+    verdicts_regex,
 )
 from benchmarks.interpret.explain_report import distribution, write_summary
 from benchmarks.interpret.explainer import ExplainRun, ExplainSettings, explain_features
@@ -187,6 +191,54 @@ def test_budget_counts_requests_not_retries_and_concurrency_is_bounded() -> None
     assert all("boxed" in a for a in answers)
 
 
+@pytest.mark.parametrize(
+    ("owner", "constrain", "expect"),
+    [("vllm", "auto", True), (None, "auto", False), ("vllm", "off", False), (None, "on", True)],
+)
+def test_answers_are_constrained_on_a_vllm_endpoint_only(
+    owner: str | None, constrain: str, expect: bool
+) -> None:
+    """auto sends vLLM's structured outputs only to a server that lists itself as vLLM;
+    the regex / schema sent is the one given, and a call without one sends none."""
+
+    async def go(srv: FakeServer) -> bool:
+        llm = LLM(_cfg(srv, constrain=constrain))
+        try:
+            await llm.check()
+            await llm.ask("P0: what is 0 + 1?", regex=verdicts_regex(3))
+            await llm.ask("P1: what is 1 + 1?", json_schema={"type": "object"})
+            await llm.ask("P2: what is 2 + 1?")
+            return llm.constrained
+        finally:
+            await llm.close()
+
+    with FakeServer() as srv:
+        srv.owned_by = owner
+        assert asyncio.run(go(srv)) is expect
+        sent = [r.get("structured_outputs") for r in srv.requests]
+    if expect:
+        assert sent == [{"regex": r"\[[01], [01], [01]\]"}, {"json": {"type": "object"}}, None]
+    else:
+        assert sent == [None, None, None]
+
+
+def test_the_constraints_match_what_the_parsers_read() -> None:
+    """Every answer the verdict regex allows is read back exactly; the explanation regex
+    allows only lines :func:`parse_explanation` reads (or rejects as an echo or a label)."""
+    for n in (1, 2, 5):
+        for bits in itertools.product((0, 1), repeat=n):
+            answer = "[" + ", ".join(map(str, bits)) + "]"
+            assert re.fullmatch(verdicts_regex(n), answer)
+            assert parse_verdicts(answer, n) == list(bits)
+        assert not re.fullmatch(verdicts_regex(n), "[" + ", ".join(["1"] * (n + 1)) + "]")
+    line = "Explanation: the word 'wait' when the writer doubts a step"
+    assert re.fullmatch(EXPLANATION_REGEX, line)
+    assert parse_explanation(line) == "the word 'wait' when the writer doubts a step"
+    assert not re.fullmatch(EXPLANATION_REGEX, "Explanation: <your explanation>")
+    with pytest.raises(ValueError):
+        verdicts_regex(0)
+
+
 def _run(srv: FakeServer, log: ExplainLog, feats: list[FeatureContexts], **kw: int) -> ExplainRun:
     async def go() -> ExplainRun:
         llm = LLM(_cfg(srv, **kw))
@@ -236,6 +288,9 @@ def test_scores_are_exact_against_the_scripted_judge(tmp_path: Path) -> None:
     assert (tmp_path / EXPLAIN_SCORES_PLOT).stat().st_size > 1000
     d = distribution([e.fuzzing.balanced_accuracy for e in run.done if e.fuzzing])
     assert d is not None and d.mean == pytest.approx(3 / 5) and d.median == 1.0
+    assert 0.0 <= d.ci_low <= d.mean <= d.ci_high <= 1.0
+    two = distribution([0.0, 0.5])  # two features: the interval stays inside [0, 1]
+    assert two is not None and 0.0 <= two.ci_low <= two.ci_high <= 0.5
 
 
 def test_budget_stop_then_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:

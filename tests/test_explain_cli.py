@@ -7,6 +7,7 @@ one run against the suite's real vLLM server."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from helpers.fake_endpoint import FakeServer
 from helpers.models import default_tokenizer_dir
 
 from benchmarks.interpret import explain_cli
+from benchmarks.interpret.explain_prompts import EXPLANATION_REGEX
 from benchmarks.server_process import free_port
 from sae_steer_vllm.cli import main as cli_main
 from sae_steer_vllm.constants import (
@@ -241,9 +243,11 @@ def test_explain_against_the_real_server(
     steer_server: Any, sae_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The suite's vLLM server (the small default model) as explainer and judge: the run
-    completes, every prompt and real answer is logged, and the file is written. A 135M
+    completes, every prompt and real answer is logged, and the file is written. On a vLLM
+    endpoint the answers are constrained (structured outputs), so every one is readable:
+    each explanation is an ``Explanation:`` line and no judge answer is unclear. A 135M
     model's explanations are poor; the scores are whatever they are (checked in range by
-    the file's own model), never invented for an unreadable answer."""
+    the file's own model)."""
     out = tmp_path / "real"
     argv = ["--sae", str(sae_dir), "--out", str(out), "--llm-url", steer_server.base_url]
     argv += ["--features", "0,1", "--n-explain", "2", "--n-held-out", "2"]
@@ -252,10 +256,18 @@ def test_explain_against_the_real_server(
     log = [json.loads(x) for x in (out / EXPLAIN_LOG_FILE).read_text().splitlines()]
     assert {x["kind"] for x in log} >= {"explain"} and all(x["answer"] for x in log)
     assert sum(x["kind"] == "explain" for x in log) == 2
+    for x in log:
+        if x["kind"] == "explain":
+            assert re.fullmatch(EXPLANATION_REGEX, x["answer"]), x["answer"]
+        else:
+            assert re.fullmatch(r"\[[01](, [01])*\]", x["answer"]), x["answer"]
     data = read_explanations(out)
     assert data is not None and data.meta["explainer"] == steer_server.model
+    assert data.meta["constrained"] is True
     summary = (out / SUMMARY_FILE).read_text()
     explained = {e.feature for e in data.features}
     for f in (0, 1):
         assert f in explained or f"feature {f}: no_explanation" in summary
+    for e in data.features:
+        assert all(s is None or s.n_unclear == 0 for s in (e.detection, e.fuzzing))
     print(capsys.readouterr().out, summary)  # with -s: what the small model scored

@@ -17,11 +17,17 @@ import pytest
 from helpers.fake_endpoint import FakeServer, chat_response, error_body
 from pydantic import ValidationError
 
-from benchmarks.interpret.clusters import FeatureDescription, effects_table, read_clusters
+from benchmarks.interpret.clusters import (
+    FeatureDescription,
+    clusters_schema,
+    effects_table,
+    read_clusters,
+)
 from benchmarks.interpret.explain_log import ExplainLog
 from benchmarks.interpret.llm import LLM, LLMConfig
 from benchmarks.interpret.steering_effects import (
     SteeringExplainOptions,
+    description_schema,
     run_steering_explain,
 )
 from sae_steer_vllm.constants import (
@@ -344,6 +350,27 @@ def test_read_clusters_never_guesses() -> None:
     for bad in ("not json", '{"clusters": []}', '["a"]', None):
         res = read_clusters(bad, [1, 2])
         assert res.status == "unreadable" and res.unclustered == [1, 2] and not res.clusters
+
+
+def test_the_json_schemas_sent_to_a_constrained_endpoint_match_the_readers() -> None:
+    """An answer valid under :func:`clusters_schema` is read as a clustering (features
+    limited to those asked about); the description schema requires each measured side."""
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = clusters_schema([4, 1, 4])
+    ok = {"clusters": [{"name": "A", "features": [1, 4], "strengthening": "x", "weakening": "y"}]}
+    jsonschema.validate(ok, schema)
+    assert read_clusters(json.dumps(ok), [1, 4]).status == "clustered"
+    for bad in (
+        {"clusters": [{**ok["clusters"][0], "features": [7]}]},  # a feature not asked about
+        {"clusters": []},
+        {"clusters": [{"name": "A", "features": [1]}]},
+    ):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema)
+    desc = description_schema(["strengthening"])
+    jsonschema.validate({"strengthening": "longer"}, desc)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"weakening": "shorter"}, desc)
 
 
 def test_table_escapes_cells() -> None:

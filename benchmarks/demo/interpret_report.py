@@ -13,7 +13,11 @@ from typing import Any
 from benchmarks.demo.interpret_steps import InterpretOutputs
 from benchmarks.interpret.explain_report import Distribution, distribution, scores_of
 from sae_steer_vllm.files import atomic_write
-from sae_training.features.explanations import ExplanationsFile, read_explanations
+from sae_training.features.explanations import (
+    ExplanationScore,
+    ExplanationsFile,
+    read_explanations,
+)
 
 INTERPRETATION_REPORT = "interpretation.md"
 
@@ -57,9 +61,16 @@ def explain_section(data: ExplanationsFile | None, top: list[int], rand: list[in
     if data is None:
         return [*lines, "Not run.", ""]
     by = data.by_feature()
+    how = (
+        "its answers constrained to the form that is read (vLLM structured outputs), so every "
+        "answer is readable"
+        if data.meta.get("constrained")
+        else "its answers free text (an unreadable judge answer counts as wrong)"
+    )
     lines += [
         "Balanced accuracy on held-out contexts (0.5 = chance), mean over features with a 95% "
-        "interval; the explainer and judge is the served model itself, a smoke-scale judge.",
+        "interval; the explainer and judge is the served model itself, a smoke-scale judge, "
+        f"{how}.",
         "",
         "| features | detection | fuzzing |",
         "|---|---|---|",
@@ -79,11 +90,20 @@ def explain_section(data: ExplanationsFile | None, top: list[int], rand: list[in
         e = by.get(f)
         if e is None:
             continue
-        det = f"{e.detection.balanced_accuracy:.2f}" if e.detection else "–"
-        fuz = f"{e.fuzzing.balanced_accuracy:.2f}" if e.fuzzing else "–"
+        det, fuz = _score_cell(e.detection), _score_cell(e.fuzzing)
         text = e.explanation.replace("|", "\\|").replace("\n", " ")
         lines.append(f"| {f} | {'top' if f in top else 'random'} | {text} | {det} | {fuz} |")
     return [*lines, ""]
+
+
+def _score_cell(s: ExplanationScore | None) -> str:
+    """``0.62 [0.41, 0.80]``, saying how many judge answers could not be read."""
+    if s is None:
+        return "–"
+    cell = f"{s.balanced_accuracy:.2f} [{s.ci_low:.2f}, {s.ci_high:.2f}]"
+    if s.n_unclear:
+        cell += f" ({s.n_unclear} unreadable answer{'s' if s.n_unclear > 1 else ''})"
+    return cell
 
 
 def _included(title: str, path: Path | None) -> list[str]:

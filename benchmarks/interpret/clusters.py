@@ -35,6 +35,7 @@ __all__ = [
     "group_rows",
     "parse_json_object",
     "read_clusters",
+    "clusters_schema",
 ]
 
 UNCLUSTERED = "unclustered"
@@ -127,6 +128,42 @@ class _Answer(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     clusters: list[_AnswerCluster] = Field(min_length=1)
+
+
+def clusters_schema(asked: Sequence[int]) -> dict[str, Any]:
+    """The JSON schema of the clustering answer :func:`read_clusters` reads (sent as vLLM
+    structured outputs to a constrained endpoint; the features are limited to those asked
+    about, so a small model cannot invent one - assigning one twice is still caught)."""
+    text = {"type": "string", "minLength": 1, "maxLength": 300}
+    cluster = {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "minLength": 1, "maxLength": 120},
+            "features": {
+                "type": "array",
+                "items": {"type": "integer", "enum": sorted(set(asked))},
+                "minItems": 1,
+                "maxItems": max(1, len(set(asked))),
+            },
+            "strengthening": text,
+            "weakening": text,
+        },
+        "required": ["name", "features", "strengthening", "weakening"],
+        "additionalProperties": False,
+    }
+    return {
+        "type": "object",
+        "properties": {
+            "clusters": {
+                "type": "array",
+                "items": cluster,
+                "minItems": 1,
+                "maxItems": max(1, len(set(asked))),
+            }
+        },
+        "required": ["clusters"],
+        "additionalProperties": False,
+    }
 
 
 _FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL)

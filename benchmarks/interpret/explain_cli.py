@@ -18,7 +18,7 @@ import asyncio
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -91,6 +91,10 @@ class ExplainConfig(CommandConfig):
     """answer budget of each request (reasoning models need more)"""
     temperature: float = Field(0.0, ge=0.0)
     """sampling temperature of the explainer and judge"""
+    constrain: Literal["auto", "on", "off"] = "auto"
+    """constrain every answer to the form that is read (a verdict list, an Explanation:
+    line, JSON) with vLLM structured outputs; auto = when the endpoint is a vLLM server.
+    Makes a small model's answers readable; a strong model rarely needs it"""
     batch_size: int = Field(5, gt=0)
     """contexts the judge sees per prompt"""
     n_explain: int = Field(10, gt=0)
@@ -191,6 +195,7 @@ def _meta(
         "llm_url": cfg.url,
         "temperature": cfg.temperature,
         "max_tokens": cfg.max_tokens,
+        "constrained": cfg.constrain == "on",
         "stats": str(stats_path),
         "selection": sel,
         "n_explain": cmd.n_explain,
@@ -217,10 +222,12 @@ async def _explain(
         await llm.close()
 
 
-async def _check(cfg: LLMConfig) -> None:
+async def _check(cfg: LLMConfig) -> LLMConfig:
+    """The endpoint checked, and the config with ``constrain`` resolved for it."""
     llm = LLM(cfg)
     try:
         await llm.check()
+        return llm.cfg
     finally:
         await llm.close()
 
@@ -300,8 +307,9 @@ def _execute(cmd: ExplainConfig) -> tuple[tuple[Path, Path], ExplainRun | None]:
         max_requests=cmd.max_requests,
         max_tokens=cmd.max_tokens,
         temperature=cmd.temperature,
+        constrain=cmd.constrain,
     )
-    asyncio.run(_check(cfg))  # unreachable / refusing / wrong model: exit 3 before any work
+    cfg = asyncio.run(_check(cfg))  # unreachable / refusing / wrong model: exit 3 before any work
     out_dir.mkdir(parents=True, exist_ok=True)
     if cmd.steering or decode is None:
         return _steering(cmd, cfg, features, out_dir), None

@@ -141,6 +141,19 @@ def final_text(answer: str) -> str:
     return answer.rsplit("</think>", 1)[-1].strip()
 
 
+EXPLANATION_REGEX = r"Explanation: [^\n<>]{8,200}"
+"""The explainer's answer as a constrained endpoint must write it (one line, read by
+:func:`parse_explanation`; no ``<`` so the template's placeholder cannot be echoed)."""
+
+
+def verdicts_regex(n: int) -> str:
+    """The judge's answer as a constrained endpoint must write it: ``[1, 0, ...]`` with
+    exactly ``n`` entries (read by :func:`parse_verdicts`)."""
+    if n <= 0:
+        raise ValueError("a judge prompt has at least one excerpt")
+    return r"\[[01]" + "".join([r", [01]"] * (n - 1)) + r"\]"
+
+
 _EXPLANATION = re.compile(r"^[\s>*_#-]*explanation[\s*_]*[:：]\s*(.*)$", re.I | re.M)
 
 

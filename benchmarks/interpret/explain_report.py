@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from benchmarks.interpret.explainer import ExplainRun
+from benchmarks.metrics import bootstrap_mean
 from sae_steer_vllm.constants import EXPLAIN_SCORES_PLOT, SUMMARY_FILE
 from sae_steer_vllm.files import atomic_write
 from sae_training.features.explanations import FeatureExplanation
@@ -25,7 +26,8 @@ class Distribution:
     n: int
     mean: float
     ci_low: float
-    """95% interval of the mean over features (normal approximation; n >= 2)"""
+    """95% percentile-bootstrap interval of the mean over features (n >= 2; inside the
+    scores' range, so inside [0, 1], however few features there are)"""
     ci_high: float
     median: float
     q25: float
@@ -40,14 +42,13 @@ def distribution(values: Sequence[float]) -> Distribution | None:
     if not values:
         return None
     v = sorted(values)
-    mean = statistics.fmean(v)
-    half = 1.959963984540054 * statistics.stdev(v) / math.sqrt(len(v)) if len(v) > 1 else math.nan
+    est = bootstrap_mean(v) if len(v) > 1 else None
     qs = statistics.quantiles(v, n=4, method="inclusive") if len(v) > 1 else [v[0]] * 3
     return Distribution(
         n=len(v),
-        mean=mean,
-        ci_low=mean - half,
-        ci_high=mean + half,
+        mean=statistics.fmean(v),
+        ci_low=est.lo if est is not None else math.nan,
+        ci_high=est.hi if est is not None else math.nan,
         median=statistics.median(v),
         q25=qs[0],
         q75=qs[2],
@@ -111,7 +112,8 @@ def write_summary(
     plot = plot_scores(done, out_dir / EXPLAIN_SCORES_PLOT)
     lines = ["# Feature explanations", ""]
     lines.append(f"- explanations: `{explanations_file}`")
-    for k in ("explainer", "llm_url", "stats", "selection", "n_explain", "n_held_out"):
+    keys = ("explainer", "llm_url", "constrained", "stats", "selection", "n_explain", "n_held_out")
+    for k in keys:
         if k in meta:
             lines.append(f"- {k}: {meta[k]}")
     lines.append(f"- scoring: {meta.get('scoring', '')}")

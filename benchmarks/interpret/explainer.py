@@ -22,12 +22,14 @@ from typing import Literal
 from benchmarks.client import EndpointError
 from benchmarks.interpret.explain_log import ExplainLog
 from benchmarks.interpret.explain_prompts import (
+    EXPLANATION_REGEX,
     Decode,
     detection_prompt,
     explain_prompt,
     fuzzing_prompt,
     parse_explanation,
     parse_verdicts,
+    verdicts_regex,
 )
 from benchmarks.interpret.llm import LLM, LLMBudgetExhausted, LLMRequestError
 from benchmarks.interpret.scoring import (
@@ -94,7 +96,9 @@ class _Asker:
     reused: int = 0
     stopped: list[str] = field(default_factory=list)
 
-    async def ask(self, key: tuple[str, int, str], prompt: str, max_tokens: int | None) -> str:
+    async def ask(
+        self, key: tuple[str, int, str], prompt: str, max_tokens: int | None, regex: str
+    ) -> str:
         cached = self.log.get(key, prompt)
         if cached is not None:
             self.reused += 1
@@ -102,7 +106,7 @@ class _Asker:
         if self.stopped:  # the endpoint went away: fail fast instead of retrying each
             raise EndpointError(self.stopped[0])
         try:
-            answer = await self.llm.ask(prompt, max_tokens=max_tokens)
+            answer = await self.llm.ask(prompt, max_tokens=max_tokens, regex=regex)
         except EndpointError as e:
             self.stopped.append(str(e))
             raise
@@ -121,7 +125,10 @@ async def _judge(
     build = detection_prompt if kind == "detection" else fuzzing_prompt
     prompts = [build(explanation, [it.text for it in g]) for g in groups]
     answers = await asyncio.gather(
-        *(asker.ask((kind, feature, str(j)), p, max_tokens) for j, p in enumerate(prompts)),
+        *(
+            asker.ask((kind, feature, str(j)), p, max_tokens, verdicts_regex(len(g)))
+            for j, (p, g) in enumerate(zip(prompts, groups, strict=True))
+        ),
         return_exceptions=True,
     )
     for a in answers:  # every request ran to its end (and was logged) before we raise
@@ -139,7 +146,9 @@ async def explain_feature(
         return FeatureOutcome(f, "no_contexts", error="the feature never fired in the corpus")
     try:
         prompt = explain_prompt(fc.explain, decode)
-        answer = await asker.ask(("explain", f, "0"), prompt, settings.explain_max_tokens)
+        answer = await asker.ask(
+            ("explain", f, "0"), prompt, settings.explain_max_tokens, EXPLANATION_REGEX
+        )
         explanation = parse_explanation(answer)
         if explanation is None:
             return FeatureOutcome(f, "no_explanation", error=f"unreadable answer: {answer[:200]!r}")

@@ -4,17 +4,27 @@ Built on :mod:`benchmarks.client` (the eval's retry policy: connection errors, t
 429 and 5xx retried with backoff; 401/403/404 stop the run as :class:`EndpointError`,
 exit 3), with what interpretation runs add: a concurrency limit (a semaphore) and a hard
 budget over the whole run (``max_requests``; a retried request counts once), so a run
-against a paid endpoint can never send more than it was allowed.
+against a paid endpoint can never send more than it was allowed; and, on a vLLM server,
+answers constrained to the format the caller reads (vLLM's structured outputs: a regex or
+a JSON schema), so a small model's answer is always readable - what it says is then the
+only thing scored. Other endpoints get the plain prompt (they may refuse the field).
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from benchmarks.client import EndpointError, RetryPolicy, chat_once, check_endpoint, make_client
+from benchmarks.client import (
+    EndpointError,
+    RetryPolicy,
+    chat_once,
+    check_endpoint,
+    make_client,
+    served_by_vllm,
+)
 from sae_steer_vllm.errors import SaeSteerError
 
 
@@ -34,6 +44,9 @@ class LLMConfig(BaseModel):
     """hard budget over the whole run: requests sent, a retried request counted once"""
     max_tokens: int = Field(512, gt=0)
     temperature: float = Field(0.0, ge=0.0)
+    constrain: Literal["auto", "on", "off"] = "auto"
+    """constrain each answer to the format that is read (vLLM structured outputs): auto =
+    when the endpoint is a vLLM server (its /v1/models says ``owned_by: vllm``)"""
 
 
 class LLMBudgetExhausted(SaeSteerError):
@@ -65,15 +78,35 @@ class LLM:
             return None
         return max(0, self.cfg.max_requests - self._made)
 
+    @property
+    def constrained(self) -> bool:
+        """Answers are constrained (``constrain`` is on, or auto was resolved by :meth:`check`)."""
+        return self.cfg.constrain == "on"
+
     async def check(self) -> list[str]:
         """Fail before any work when the endpoint is unreachable, refuses us (401/403) or
-        does not serve ``cfg.model`` (:class:`EndpointError`, exit 3); returns the served ids."""
-        return await check_endpoint(self._client, self.cfg.model)
+        does not serve ``cfg.model`` (:class:`EndpointError`, exit 3); returns the served ids.
+
+        Resolves ``constrain="auto"`` to on or off (``self.cfg`` afterwards says which)."""
+        ids = await check_endpoint(self._client, self.cfg.model)
+        if self.cfg.constrain == "auto":
+            vllm = await served_by_vllm(self._client)
+            self.cfg = self.cfg.model_copy(update={"constrain": "on" if vllm else "off"})
+        return ids
 
     async def ask(
-        self, prompt: str, *, max_tokens: int | None = None, system: str | None = None
+        self,
+        prompt: str,
+        *,
+        max_tokens: int | None = None,
+        system: str | None = None,
+        regex: str | None = None,
+        json_schema: dict[str, Any] | None = None,
     ) -> str:
         """The model's answer to one user prompt (temperature from the config).
+
+        ``regex`` / ``json_schema``: the form the caller reads the answer in; sent as vLLM
+        structured outputs when :attr:`constrained` (else the prompt alone asks for it).
 
         Raises :class:`LLMBudgetExhausted` once ``max_requests`` requests were sent,
         :class:`LLMRequestError` when this request cannot be answered, and
@@ -85,6 +118,10 @@ class LLM:
         messages = [{"role": "user", "content": prompt}]
         if system:
             messages.insert(0, {"role": "system", "content": system})
+        extra: dict[str, Any] | None = None
+        if self.constrained and (regex is not None or json_schema is not None):
+            form = {"regex": regex} if regex is not None else {"json": json_schema}
+            extra = {"structured_outputs": form}
         async with self._sem:
             out = await chat_once(
                 self._client,
@@ -95,6 +132,7 @@ class LLM:
                 max_tokens=max_tokens or self.cfg.max_tokens,
                 seed=None,
                 spec=None,
+                extra_body=extra,
                 retry=self.retry,
             )
         if out.error is not None:

@@ -43,6 +43,7 @@ from benchmarks.interpret.clusters import (
     Side,
     Status,
     cluster_prompt,
+    clusters_schema,
     effects_table,
     group_rows,
     parse_json_object,
@@ -239,6 +240,23 @@ class _Described(BaseModel):
     weakening: str | None = Field(default=None, min_length=1)
 
 
+def _constrained_note(llm: LLM) -> str:
+    return ", answers constrained to the JSON asked for" if llm.constrained else ""
+
+
+def description_schema(sides: Sequence[Side]) -> dict[str, Any]:
+    """The JSON schema of a description answer (:func:`_read_description` reads it; sent
+    as vLLM structured outputs to a constrained endpoint)."""
+    return {
+        "type": "object",
+        "properties": {
+            side: {"type": "string", "minLength": 1, "maxLength": 400} for side in sides
+        },
+        "required": list(sides),
+        "additionalProperties": False,
+    }
+
+
 def _read_description(answer: str, sides: Sequence[Side]) -> dict[str, str] | None:
     obj = parse_json_object(answer)
     try:
@@ -251,14 +269,21 @@ def _read_description(answer: str, sides: Sequence[Side]) -> dict[str, str] | No
 
 
 async def _ask_logged(
-    llm: LLM, log: ExplainLog, kind: str, feature: int, prompt: str, max_tokens: int, resume: bool
+    llm: LLM,
+    log: ExplainLog,
+    kind: str,
+    feature: int,
+    prompt: str,
+    max_tokens: int,
+    resume: bool,
+    schema: dict[str, Any],
 ) -> str:
     key = (kind, feature, "0")  # one request per (kind, feature); a changed prompt is re-asked
     if resume:
         cached = log.get(key, prompt)
         if cached is not None:
             return cached
-    answer = await llm.ask(prompt, max_tokens=max_tokens)
+    answer = await llm.ask(prompt, max_tokens=max_tokens, json_schema=schema)
     log.put(key, prompt, answer)
     return answer
 
@@ -308,7 +333,14 @@ async def _describe(
     prompt = describe_prompt(feature, usable, texts, ask)
     try:
         answer = await _ask_logged(
-            llm, log, DESCRIBE_KIND, feature, prompt, DESCRIBE_MAX_TOKENS, resume
+            llm,
+            log,
+            DESCRIBE_KIND,
+            feature,
+            prompt,
+            DESCRIBE_MAX_TOKENS,
+            resume,
+            description_schema(list(ask)),
         )
     except LLMBudgetExhausted as e:
         spent.append(str(e))
@@ -408,7 +440,14 @@ async def run_steering_explain_async(
         prompt = cluster_prompt(described, sides)
         try:
             answer = await _ask_logged(
-                llm, log, CLUSTER_KIND, CLUSTER_FEATURE, prompt, CLUSTER_MAX_TOKENS, resume
+                llm,
+                log,
+                CLUSTER_KIND,
+                CLUSTER_FEATURE,
+                prompt,
+                CLUSTER_MAX_TOKENS,
+                resume,
+                clusters_schema([d.feature for d in described]),
             )
         except LLMBudgetExhausted as e:
             answer = None
@@ -431,6 +470,7 @@ async def run_steering_explain_async(
         "n_prompts": len(problems),
         "max_tokens": opts.steer_max_tokens,
         "llm_model": llm.cfg.model,
+        "constrained": llm.constrained,
         "generations": f"{STEERING_GENERATIONS_DIR}/",
     }
     data = SteeringEffectsFile(
@@ -448,7 +488,8 @@ async def run_steering_explain_async(
         f"SAE `{sae}` on `{model}`: each feature clamped at "
         f"{', '.join(f'{s:g}' for s in opts.strengths)} x its max activation, greedy, on "
         f"{len(problems)} prompts from `{source}` ({opts.steer_max_tokens} tokens); described and "
-        f"grouped by `{llm.cfg.model}` (prompts and answers: `{EXPLAIN_LOG_FILE}`).",
+        f"grouped by `{llm.cfg.model}`{_constrained_note(llm)} (prompts and answers: "
+        f"`{EXPLAIN_LOG_FILE}`).",
     ]
     table = effects_table(
         clusters,

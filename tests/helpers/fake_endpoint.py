@@ -176,6 +176,8 @@ class FakeServer:
         """More POST routes by path (e.g. ``/tokenize``), each answering a JSON body."""
         self.listing: dict[str, Any] | None = None
         """``GET /v1/saes`` answers this (an sae-steer listing) when set; None: 404 (stock vLLM)."""
+        self.owned_by: str | None = None
+        """``owned_by`` of the listed model (``vllm`` makes it look like a vLLM server)."""
         self.refuse_status: int | None = None
         """Answer every request with this HTTP status (e.g. 401: a key the server refuses)."""
         self.in_flight = 0
@@ -203,10 +205,10 @@ class FakeServer:
                     self._send(outer.refuse_status, error_body(outer.refuse_status, "refused"))
                     return
                 if self.path.rstrip("/") == "/v1/models":
-                    self._send(
-                        200,
-                        {"object": "list", "data": [{"id": outer.model_name, "object": "model"}]},
-                    )
+                    entry = {"id": outer.model_name, "object": "model"}
+                    if outer.owned_by is not None:
+                        entry["owned_by"] = outer.owned_by
+                    self._send(200, {"object": "list", "data": [entry]})
                 elif self.path.rstrip("/") == "/v1/saes" and outer.listing is not None:
                     self._send(200, outer.listing)
                 else:
