@@ -357,14 +357,17 @@ def test_the_json_schemas_sent_to_a_constrained_endpoint_match_the_readers() -> 
     limited to those asked about); the description schema requires each measured side."""
     jsonschema = pytest.importorskip("jsonschema")
     schema = clusters_schema([4, 1, 4])
-    ok = {"clusters": [{"name": "A", "features": [1, 4], "strengthening": "x", "weakening": "y"}]}
+    ok: dict[str, Any] = {
+        "clusters": [{"name": "A", "features": [1, 4], "strengthening": "x", "weakening": "y"}]
+    }
     jsonschema.validate(ok, schema)
     assert read_clusters(json.dumps(ok), [1, 4]).status == "clustered"
-    for bad in (
+    bads: list[dict[str, Any]] = [
         {"clusters": [{**ok["clusters"][0], "features": [7]}]},  # a feature not asked about
         {"clusters": []},
         {"clusters": [{"name": "A", "features": [1]}]},
-    ):
+    ]
+    for bad in bads:
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(bad, schema)
     desc = description_schema(["strengthening"])
