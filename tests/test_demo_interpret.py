@@ -66,7 +66,10 @@ def test_report_page_reads_each_steps_files(tmp_path: Path) -> None:
         "after": {"closed_think_share": 0.75, "reasoning_word_rate": 2.5, "held_out_loss": 1.2},
         "held_out_loss_before": 1.9,
     }
-    outs = InterpretOutputs(explanations=expl, steering_table=table)
+    (tmp_path / "model_diff").mkdir()
+    plot = tmp_path / "model_diff" / "model_diff.png"
+    plot.write_bytes(b"png")
+    outs = InterpretOutputs(explanations=expl, steering_table=table, diff_plot=plot)
     page = write_interpretation_report(
         tmp_path, outs, Path("m"), check, Path("sae"), [1, 2], [3, 4]
     )
@@ -81,6 +84,7 @@ def test_report_page_reads_each_steps_files(tmp_path: Path) -> None:
     assert "answers constrained to the form that is read" in text
     assert "## Steering effects" in text  # the included table's heading, nested one level
     assert "## Model diffing (`sae-steer diff`)\n\nNot run." in text
+    assert "![model diff](model_diff/model_diff.png)" in text  # relative to the page
 
 
 def test_no_page_when_nothing_ran(tmp_path: Path) -> None:

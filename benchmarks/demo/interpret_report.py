@@ -7,11 +7,13 @@ a step that was off or wrote nothing is said to be absent, never filled in.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 from benchmarks.demo.interpret_steps import InterpretOutputs
 from benchmarks.interpret.explain_report import Distribution, distribution, scores_of
+from sae_steer_vllm.constants import EXPLAIN_SCORES_PLOT
 from sae_steer_vllm.files import atomic_write
 from sae_training.features.explanations import (
     ExplanationScore,
@@ -106,6 +108,12 @@ def _score_cell(s: ExplanationScore | None) -> str:
     return cell
 
 
+def _link(path: Path, root: Path) -> str:
+    """``path`` as a Markdown link from a page in ``root`` (relative, so it works wherever
+    the run folder is viewed or copied)."""
+    return Path(os.path.relpath(path.resolve(), root.resolve())).as_posix()
+
+
 def _included(title: str, path: Path | None) -> list[str]:
     lines = [f"## {title}", ""]
     if path is None or not path.is_file():
@@ -131,9 +139,13 @@ def write_interpretation_report(
     lines += distill_section(distill_check, model)
     explained = read_explanations(outs.explanations) if outs.explanations else None
     lines += explain_section(explained, top, rand)
+    if outs.explain_summary is not None:
+        hist = outs.explain_summary.parent / EXPLAIN_SCORES_PLOT
+        if hist.is_file():
+            lines += [f"![explanation scores]({_link(hist, root)})", ""]
     lines += _included("What steering does (`sae-steer explain --steering`)", outs.steering_table)
     lines += _included("Model diffing (`sae-steer diff`)", outs.diff_report)
     if outs.diff_plot is not None and outs.diff_plot.is_file():
-        lines += [f"![model diff]({outs.diff_plot})", ""]
+        lines += [f"![model diff]({_link(outs.diff_plot, root)})", ""]
     lines += [f"SAE: `{sae_dir}`.", ""]
     return atomic_write(root / INTERPRETATION_REPORT, "\n".join(lines))
