@@ -109,6 +109,8 @@ DIFF_FINETUNE_DIR = "finetune-{digest}"
 DEMO_STATE_FILE = "steps.json"
 SERVER_FILE = "server.json"
 SERVER_LOG = "server.log"
+INTERPRETATION_REPORT = "interpretation.md"
+"""The demo's page of its optional interpretation steps (distill, explain, diff)."""
 
 # ---------------------------------------------------------------- the default model
 # owner: sae_steer_vllm.default_model

@@ -13,15 +13,13 @@ from typing import Any
 
 from benchmarks.demo.interpret_steps import InterpretOutputs
 from benchmarks.interpret.explain_report import Distribution, distribution, scores_of
-from sae_steer_vllm.constants import EXPLAIN_SCORES_PLOT
+from sae_steer_vllm.constants import EXPLAIN_SCORES_PLOT, INTERPRETATION_REPORT
 from sae_steer_vllm.files import atomic_write
 from sae_training.features.explanations import (
     ExplanationScore,
     ExplanationsFile,
     read_explanations,
 )
-
-INTERPRETATION_REPORT = "interpretation.md"
 
 
 def _fmt_dist(d: Distribution | None) -> str:
