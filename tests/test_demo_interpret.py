@@ -132,3 +132,20 @@ def test_interpretation_features_come_from_the_ranked_table_not_the_study_arms()
     assert len(rand) == 4 and not set(rand) & set(top)
     assert all(max_act[f] > 0 for f in rand)  # live random controls only
     assert interpret_features(cfg, study) == (top, rand)  # type: ignore[arg-type]  # seeded
+
+
+def test_study_caveat_matches_the_model() -> None:
+    """The study report must not call the distilled model 'not a reasoning model' (it
+    writes R1-style thinking); the base model's caveat still says so."""
+    from benchmarks.demo.study_report import ReportContext, _model_caveat
+
+    def ctx(distilled: bool) -> ReportContext:
+        return ReportContext(
+            model="m", sae_path="s", sae_summary="", score_summary="", dataset="gsm8k",
+            n_prompts=1, max_tokens=8, temperature=0.0, top_p=1.0, seed=0, feature_notes={},
+            problems={}, links={}, elapsed={}, distilled=distilled,
+        )  # fmt: skip
+
+    assert "not a reasoning model" in _model_caveat(ctx(False))
+    distilled = _model_caveat(ctx(True))
+    assert "not a reasoning model" not in distilled and "sae-steer distill" in distilled

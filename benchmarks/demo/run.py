@@ -317,6 +317,7 @@ def step_report(
         links={**links, "samples": str(res.log_path), "harness summary": str(harness.summary_md)},
         elapsed=elapsed,
         notes=study.notes,
+        distilled=cfg.distill,
     )
     report = write_study_report(study_dir / "report.md", design, an, res.records, plots, ctx)
     say(headline(an))

@@ -212,6 +212,24 @@ class ReportContext:
     links: dict[str, str]
     elapsed: dict[str, float]
     notes: list[str] = field(default_factory=list)
+    distilled: bool = False
+    """the model is the default model distilled on R1 traces (``sae-steer distill``)"""
+
+
+def _model_caveat(ctx: ReportContext) -> str:
+    if ctx.distilled:
+        return (
+            f"`{ctx.model}` is the 135M default model briefly distilled on R1 traces "
+            "(`sae-steer distill`): it writes R1-style thinking with the reasoning vocabulary "
+            "and sometimes closes it with `</think>`, but it is 60x smaller than the paper's "
+            "model and solves almost none of these problems, so accuracy differences are "
+            "measured at the floor with wide intervals."
+        )
+    return (
+        f"`{ctx.model}` is a 135M-parameter chat model, not a reasoning model: it does not "
+        "write `<think>` traces, rarely uses the reasoning vocabulary, and solves few of these "
+        "problems, so accuracy differences are measured near the floor with wide intervals."
+    )
 
 
 def write_study_report(
@@ -323,17 +341,15 @@ def write_study_report(
         L += scope_section(an.scope, design.mode, scope_plot, path.parent)
     L += [
         "",
-        f"Caveats, stated plainly: `{ctx.model}` is a 135M-parameter chat model, not a "
-        "reasoning model: it does not write `<think>` traces, rarely uses the reasoning "
-        "vocabulary, and solves few of these problems, so accuracy differences are measured "
-        "near the floor with wide intervals. The SAE and the ReasonScore corpus are small "
-        "(see above), features are ranked on R1-style traces the model did not write, and "
+        f"Caveats, stated plainly: {_model_caveat(ctx)} The SAE and the ReasonScore corpus "
+        "are small (see above), features are ranked on R1-style traces the model did not "
+        "write, and "
         f"each arm has one sample per problem on {an.n_problems} problems. Greedy or low-"
         "temperature decoding of a small model often loops until max_tokens (see *cut* and "
         "*looped*), which caps the length measure and can raise the word rate by repetition "
         "alone (see *repeated 4-grams*). This run demonstrates the pipeline (train → score → "
         "serve → steer → measure); it does not reproduce the paper's effect, whose model is "
-        "60x larger and trained to reason (see docs/paper_recipe.md for that recipe).",
+        "60x larger and trained to reason at scale (see docs/paper_recipe.md for that recipe).",
         "",
         "## Plots",
         "",
