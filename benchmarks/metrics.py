@@ -310,8 +310,10 @@ def paired_bootstrap(
 
 def bootstrap_mean(values: Sequence[float], *, n_boot: int = 2000, seed: int = 0) -> Estimate:
     """Mean of per-problem values with a 95% percentile bootstrap that resamples problems
-    (the unpaired twin of :func:`paired_bootstrap`, same seed convention)."""
-    x = np.asarray(values, dtype=float)
+    (the unpaired twin of :func:`paired_bootstrap`, same seed convention). The values are
+    sorted first, so the interval does not depend on their order: a report rebuilt from the
+    log (in file order) equals the one written from the run (in completion order)."""
+    x = np.sort(np.asarray(values, dtype=float))
     if x.size == 0:
         nan = float("nan")
         return Estimate(mean=nan, lo=nan, hi=nan, n=0)

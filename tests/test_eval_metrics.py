@@ -8,6 +8,7 @@ import pytest
 
 from benchmarks.metrics import (
     GradedSample,
+    bootstrap_mean,
     count_reasoning_words,
     estimate_reasoning_tokens,
     majority_correct,
@@ -82,6 +83,14 @@ def test_summarize_hand_computed() -> None:
     assert m.no_answer_rate == pytest.approx(0.5)
     empty = summarize("ds", "y", [], n_errors=2)
     assert math.isnan(empty.pass_at_1) and empty.n_problems == 0
+
+
+def test_bootstrap_mean_does_not_depend_on_the_order_of_the_values() -> None:
+    """A report rebuilt from the log (file order) must equal the run's (completion order)."""
+    values = [float((7 * i) % 11) for i in range(40)]
+    est = bootstrap_mean(values, seed=3)
+    assert bootstrap_mean(list(reversed(values)), seed=3) == est
+    assert est.mean == pytest.approx(sum(values) / 40) and est.lo < est.mean < est.hi
 
 
 def test_paired_bootstrap() -> None:
