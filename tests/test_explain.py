@@ -12,10 +12,11 @@ import random
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers.explain_judge import FILLERS, NO_EXPLANATION_WORD, UNCLEAR_WORD, WORDS, judge
-from helpers.fake_endpoint import FakeModel, FakeServer
+from helpers.fake_endpoint import FakeModel, FakeServer, chat_response
 
 from benchmarks.client import RetryPolicy
 from benchmarks.interpret.explain_log import ExplainLog
@@ -28,7 +29,7 @@ from benchmarks.interpret.explain_prompts import (
 )
 from benchmarks.interpret.explain_report import distribution, write_summary
 from benchmarks.interpret.explainer import ExplainRun, ExplainSettings, explain_features
-from benchmarks.interpret.llm import LLM, LLMBudgetExhausted, LLMConfig
+from benchmarks.interpret.llm import LLM, LLMBudgetExhausted, LLMConfig, LLMRequestError
 from benchmarks.interpret.scoring import (
     JudgeItem,
     balanced_accuracy_ci,
@@ -220,6 +221,28 @@ def test_answers_are_constrained_on_a_vllm_endpoint_only(
         assert sent == [{"regex": r"\[[01], [01], [01]\]"}, {"json": {"type": "object"}}, None]
     else:
         assert sent == [None, None, None]
+
+
+def test_a_constrained_answer_cut_at_the_token_limit_is_an_error_not_an_answer() -> None:
+    """A structured answer that stopped at max_tokens (or the context length) is unfinished
+    JSON / an unfinished list: the caller gets the reason, never a silently unreadable text."""
+
+    def cut(body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        out = chat_response("fake-model", '{"weakening": "2.')
+        out["choices"][0]["finish_reason"] = "length"
+        return 200, out
+
+    async def go(srv: FakeServer, constrain: str) -> str:
+        llm = LLM(_cfg(srv, constrain=constrain))
+        try:
+            return await llm.ask("describe", json_schema={"type": "object"})
+        finally:
+            await llm.close()
+
+    with FakeServer(respond=cut) as srv:
+        with pytest.raises(LLMRequestError, match="cut at the token limit"):
+            asyncio.run(go(srv, "on"))
+        assert asyncio.run(go(srv, "off")) == '{"weakening": "2.'  # free text: parsed later
 
 
 def test_the_constraints_match_what_the_parsers_read() -> None:

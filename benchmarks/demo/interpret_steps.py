@@ -107,6 +107,10 @@ def step_steering_effects(
             "steering": True,
             "steer_sae": cfg.sae_name,
             "strengths": [-s, s],
+            # two prompts: the describe prompt shows 3 x 2 outputs of 128 tokens, well
+            # inside the demo server's 2,048-token context (4 prompts filled it, and the
+            # answer was cut after 23 tokens on the first CPU-scale run)
+            "n_steer_prompts": 2,
         }
     )
     result = run_explain(cmd)

@@ -139,6 +139,13 @@ class LLM:
             if out.connection_failed:
                 raise EndpointError(f"{self.cfg.url}: {out.error}")
             raise LLMRequestError(f"{self.cfg.url}: {out.error}")
+        if extra is not None and out.finish_reason == "length":
+            # a constrained answer stopped by a token limit is unfinished by construction
+            raise LLMRequestError(
+                f"the answer was cut at the token limit ({max_tokens or self.cfg.max_tokens} "
+                "tokens, or the server's context length when the prompt is long): "
+                f"{out.text[:120]!r}"
+            )
         return out.text
 
     async def close(self) -> None:
