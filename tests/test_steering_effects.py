@@ -21,6 +21,7 @@ from benchmarks.interpret.clusters import (
     FeatureDescription,
     clusters_schema,
     effects_table,
+    is_filler,
     read_clusters,
 )
 from benchmarks.interpret.explain_log import ExplainLog
@@ -335,8 +336,13 @@ def test_read_clusters_never_guesses() -> None:
     answer = json.dumps(
         {
             "clusters": [
-                {"name": "A", "features": [1, 2], "strengthening": "x", "weakening": "y"},
-                {"name": "B", "features": [2, 3, 7], "strengthening": "p", "weakening": "q"},
+                {"name": "A", "features": [1, 2], "strengthening": "more loops", "weakening": "y"},
+                {
+                    "name": "B",
+                    "features": [2, 3, 7],
+                    "strengthening": "ends sooner",
+                    "weakening": "q",
+                },
             ]
         }
     )
@@ -350,6 +356,32 @@ def test_read_clusters_never_guesses() -> None:
     for bad in ("not json", '{"clusters": []}', '["a"]', None):
         res = read_clusters(bad, [1, 2])
         assert res.status == "unreadable" and res.unclustered == [1, 2] and not res.clusters
+
+
+def test_placeholders_and_non_sentences_are_not_descriptions() -> None:
+    """What the served 135M model wrote once its answers were constrained: the example's
+    placeholders as a cluster, "2" and "..." as descriptions. None of it is shown as one."""
+    copied = json.dumps(
+        {
+            "clusters": [
+                {
+                    "name": "short name",
+                    "features": [481, 4334],
+                    "strengthening": "one sentence",
+                    "weakening": "one sentence",
+                },
+                {"name": "Hesitation", "features": [7], "strengthening": "more wait loops",
+                 "weakening": "ends sooner"},
+            ]
+        }
+    )  # fmt: skip
+    got = read_clusters(copied, [481, 4334, 7])
+    assert [c.name for c in got.clusters] == ["Hesitation"]  # a one-word name is fine
+    assert got.unclustered == [481, 4334]
+    assert any("placeholder" in n for n in got.notes)
+    assert not any("left out" in n for n in got.notes)  # they were not left out
+    assert is_filler("...") and is_filler("2") and is_filler(" One sentence. ")
+    assert not is_filler("loops on Wait")
 
 
 def test_the_json_schemas_sent_to_a_constrained_endpoint_match_the_readers() -> None:

@@ -36,6 +36,7 @@ __all__ = [
     "parse_json_object",
     "read_clusters",
     "clusters_schema",
+    "is_filler",
 ]
 
 UNCLUSTERED = "unclustered"
@@ -194,6 +195,18 @@ def _one_line(text: str, limit: int | None = None) -> str:
     return s
 
 
+_PLACEHOLDERS = frozenset({"short name", "one sentence"})
+"""The example's placeholder texts in :func:`cluster_prompt` (a weak model copies them)."""
+
+
+def is_filler(text: str, *, min_words: int = 2) -> bool:
+    """Whether an LLM's text is no description at all: fewer than ``min_words`` words
+    (``"..."``, ``"2"``), or a placeholder of the answer's example copied back. Seen from the
+    served 135M model once its answers were constrained to the JSON form."""
+    words = re.findall(r"[^\W\d_]+", text.lower())
+    return len(words) < min_words or " ".join(words) in _PLACEHOLDERS
+
+
 def cluster_prompt(descriptions: Sequence[FeatureDescription], sides: Sequence[Side]) -> str:
     """The one request that groups ``descriptions`` (``sides``: what was measured)."""
     n_max = max(1, min(MAX_CLUSTERS, math.ceil(len(descriptions) / 2)))
@@ -251,7 +264,19 @@ def read_clusters(
         return Clustering(status="unreadable", unclustered=sorted(asked_set))
     notes: list[str] = []
     seen: dict[int, int] = {}
-    for i, c in enumerate(parsed.clusters):
+    copied = [
+        c
+        for c in parsed.clusters
+        if is_filler(c.name, min_words=1) or any(is_filler(getattr(c, side)) for side in sides)
+    ]
+    for c in copied:
+        notes.append(
+            f"cluster {c.name!r}: no description (an example's placeholder or not a sentence); "
+            f"its features left unclustered"
+        )
+    in_copied = {f for c in copied for f in c.features}
+    kept = [c for c in parsed.clusters if c not in copied]
+    for i, c in enumerate(kept):
         for f in c.features:
             if f not in asked_set:
                 notes.append(f"cluster {c.name!r}: feature {f} was not asked about; dropped")
@@ -263,7 +288,7 @@ def read_clusters(
     if twice:
         notes.append(f"features in more than one cluster, left unclustered: {twice}")
     clusters = []
-    for i, c in enumerate(parsed.clusters):
+    for i, c in enumerate(kept):
         feats = sorted({f for f in c.features if seen.get(f) == i})
         if not feats:
             continue
@@ -278,7 +303,7 @@ def read_clusters(
             )
         )
     unclustered = sorted(asked_set - {f for f, i in seen.items() if i >= 0})
-    missing = sorted(set(unclustered) - set(twice))
+    missing = sorted(set(unclustered) - set(twice) - in_copied)
     if missing:
         notes.append(f"features the answer left out, unclustered: {missing}")
     return Clustering(status="clustered", clusters=clusters, unclustered=unclustered, notes=notes)

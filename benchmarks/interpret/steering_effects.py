@@ -46,6 +46,7 @@ from benchmarks.interpret.clusters import (
     clusters_schema,
     effects_table,
     group_rows,
+    is_filler,
     parse_json_object,
     read_clusters,
 )
@@ -265,6 +266,8 @@ def _read_description(answer: str, sides: Sequence[Side]) -> dict[str, str] | No
         return None
     if got is None or any(getattr(got, side) is None for side in sides):
         return None
+    if any(is_filler(str(getattr(got, side))) for side in sides):
+        return None  # "...", "2": the form was kept, nothing was described
     return {side: " ".join(str(getattr(got, side)).split()) for side in sides}
 
 
