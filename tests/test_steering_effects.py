@@ -26,9 +26,9 @@ from benchmarks.interpret.clusters import (
 )
 from benchmarks.interpret.explain_log import ExplainLog
 from benchmarks.interpret.llm import LLM, LLMConfig
+from benchmarks.interpret.steering_describe import description_schema
 from benchmarks.interpret.steering_effects import (
     SteeringExplainOptions,
-    description_schema,
     run_steering_explain,
 )
 from sae_steer_vllm.constants import (

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from benchmarks.client import check_endpoint, fetch_sae_list, make_client
 from benchmarks.grading import Grader
@@ -46,12 +46,15 @@ from benchmarks.interpret.clusters import (
     clusters_schema,
     effects_table,
     group_rows,
-    is_filler,
-    parse_json_object,
     read_clusters,
 )
 from benchmarks.interpret.explain_log import ExplainLog
 from benchmarks.interpret.llm import LLM, LLMBudgetExhausted, LLMRequestError
+from benchmarks.interpret.steering_describe import (
+    describe_prompt,
+    description_schema,
+    read_description,
+)
 from benchmarks.problems import Problem, load_problems
 from benchmarks.results import SampleRecord
 from benchmarks.runner import run_sweep_async
@@ -69,7 +72,6 @@ from sae_steer_vllm.files import atomic_write
 __all__ = [
     "SteeringEffectsFile",
     "SteeringExplainOptions",
-    "describe_prompt",
     "run_steering_explain",
     "run_steering_explain_async",
 ]
@@ -82,13 +84,6 @@ CLUSTER_FEATURE = -1
 DESCRIBE_MAX_TOKENS = 400
 CLUSTER_MAX_TOKENS = 1500
 GENERATION_CONCURRENCY = 8
-MAX_SHOWN_PROMPTS = 6
-"""At most this many prompts (with all their outputs) go into one describe prompt."""
-PROMPT_CHARS = 400
-OUTPUT_HEAD_CHARS = 600
-OUTPUT_TAIL_CHARS = 200
-"""A long output is shown as its first and last characters: the start says what it does,
-the end shows whether it loops or stops."""
 
 
 class SteeringExplainOptions(BaseModel):
@@ -182,93 +177,10 @@ def _load_prompts(opts: SteeringExplainOptions) -> tuple[str, list[Problem]]:
 
 
 # ---------------------------------------------------------------- describing one feature
-def _clip(text: str, head: int, tail: int = 0) -> str:
-    text = text.strip()
-    if len(text) <= head + tail:
-        return text
-    cut = f"{text[:head].rstrip()} [... {len(text) - head - tail} characters cut ...]"
-    return cut + (f" {text[-tail:].lstrip()}" if tail else "")
 
 
-_SIDE_ORDER: tuple[Side, ...] = ("weakening", "strengthening")
-
-
-def _label(side: Side, s: float) -> str:
-    return f"{'Strengthened' if side == 'strengthening' else 'Weakened'} (clamped at {s:g})"
-
-
-def describe_prompt(
-    feature: int,
-    problems: Sequence[Problem],
-    texts: dict[tuple[str, str], str],
-    arms: dict[Side, list[tuple[float, str]]],
-) -> str:
-    """The describe request: per prompt the unsteered output and each steered one
-    (``arms``: side -> [(strength, arm name)], only the sides asked about)."""
-    sides = [side for side in _SIDE_ORDER if arms.get(side)]
-    lines = [
-        "A language model answered the same prompts without steering and with one internal "
-        f"feature (feature {feature} of a sparse autoencoder) clamped during generation: "
-        "at a negative strength (weakened) and/or at a positive strength (strengthened). "
-        "Long outputs are cut in the middle.",
-    ]
-    for i, p in enumerate(problems[:MAX_SHOWN_PROMPTS], 1):
-        lines += ["", f"## Prompt {i}", _clip(p.problem, PROMPT_CHARS), "", "### Unsteered"]
-        lines.append(_clip(texts[(p.id, BASELINE)], OUTPUT_HEAD_CHARS, OUTPUT_TAIL_CHARS))
-        for side in sides:
-            for s, name in arms[side]:
-                lines += ["", f"### {_label(side, s)}"]
-                lines.append(_clip(texts[(p.id, name)], OUTPUT_HEAD_CHARS, OUTPUT_TAIL_CHARS))
-    asks = " and ".join(
-        f"how the {'strengthened' if side == 'strengthening' else 'weakened'} outputs differ "
-        "from the unsteered ones"
-        for side in sides
-    )
-    keys = ", ".join(f'"{side}": "..."' for side in sides)
-    lines += [
-        "",
-        f"Describe in one or two sentences each {asks}: style, length, reasoning, "
-        'repetition, language, content. Write "no clear change" when there is none.',
-        f"Answer with JSON only: {{{keys}}}",
-    ]
-    return "\n".join(lines)
-
-
-class _Described(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    strengthening: str | None = Field(default=None, min_length=1)
-    weakening: str | None = Field(default=None, min_length=1)
-
-
-def _constrained_note(llm: LLM) -> str:
+async def _constrained_note(llm: LLM) -> str:
     return ", answers constrained to the JSON asked for" if llm.constrained else ""
-
-
-def description_schema(sides: Sequence[Side]) -> dict[str, Any]:
-    """The JSON schema of a description answer (:func:`_read_description` reads it; sent
-    as vLLM structured outputs to a constrained endpoint)."""
-    return {
-        "type": "object",
-        "properties": {
-            side: {"type": "string", "minLength": 1, "maxLength": 400} for side in sides
-        },
-        "required": list(sides),
-        "additionalProperties": False,
-    }
-
-
-def _read_description(answer: str, sides: Sequence[Side]) -> dict[str, str] | None:
-    obj = parse_json_object(answer)
-    try:
-        got = _Described.model_validate(obj) if obj is not None else None
-    except ValidationError:
-        return None
-    if got is None or any(getattr(got, side) is None for side in sides):
-        return None
-    if any(is_filler(str(getattr(got, side))) for side in sides):
-        return None  # "...", "2": the form was kept, nothing was described
-    return {side: " ".join(str(getattr(got, side)).split()) for side in sides}
 
 
 async def _ask_logged(
@@ -350,7 +262,7 @@ async def _describe(
         return _unanswered(feature, "failed", n, fixed, ask, f"not described: {e}")
     except LLMRequestError as e:
         return _unanswered(feature, "failed", n, fixed, ask, f"not described: {e}")
-    got = _read_description(answer, list(ask))
+    got = read_description(answer, list(ask))
     if got is None:
         text = f"unreadable answer (see {EXPLAIN_LOG_FILE})"
         return _unanswered(feature, "unreadable", n, fixed, ask, text)
