@@ -195,6 +195,8 @@ def test_table_from_scripted_generations_and_answers(
     assert path == out / STEERING_EFFECTS_TABLE
     assert table_rows(path) == TABLE
     assert "`fake-sae` on `fake-model`: each feature clamped at -2, 2 x" in path.read_text()
+    # the header says whether answers were constrained (a plain text, never an object repr)
+    assert "grouped by `fake-model` (prompts and answers" in path.read_text()
 
     # generation: greedy, the shared unsteered arm once per prompt, 2 strengths per feature
     gen = [b for b in served.requests if b["messages"][-1]["content"].startswith("Please")]

@@ -179,7 +179,7 @@ def _load_prompts(opts: SteeringExplainOptions) -> tuple[str, list[Problem]]:
 # ---------------------------------------------------------------- describing one feature
 
 
-async def _constrained_note(llm: LLM) -> str:
+def _constrained_note(llm: LLM) -> str:
     return ", answers constrained to the JSON asked for" if llm.constrained else ""
 
 
