@@ -135,6 +135,7 @@ def clusters_schema(asked: Sequence[int]) -> dict[str, Any]:
     """The JSON schema of the clustering answer :func:`read_clusters` reads (sent as vLLM
     structured outputs to a constrained endpoint; the features are limited to those asked
     about, so a small model cannot invent one - assigning one twice is still caught)."""
+    features = sorted(set(asked))
     text = {"type": "string", "minLength": 1, "maxLength": 300}
     cluster = {
         "type": "object",
@@ -142,9 +143,9 @@ def clusters_schema(asked: Sequence[int]) -> dict[str, Any]:
             "name": {"type": "string", "minLength": 1, "maxLength": 120},
             "features": {
                 "type": "array",
-                "items": {"type": "integer", "enum": sorted(set(asked))},
+                "items": {"type": "integer", "enum": features},
                 "minItems": 1,
-                "maxItems": max(1, len(set(asked))),
+                "maxItems": max(1, len(features)),
             },
             "strengthening": text,
             "weakening": text,
@@ -159,7 +160,7 @@ def clusters_schema(asked: Sequence[int]) -> dict[str, Any]:
                 "type": "array",
                 "items": cluster,
                 "minItems": 1,
-                "maxItems": max(1, len(set(asked))),
+                "maxItems": max(1, len(features)),
             }
         },
         "required": ["clusters"],
@@ -195,7 +196,8 @@ def _one_line(text: str, limit: int | None = None) -> str:
     return s
 
 
-_PLACEHOLDERS = frozenset({"short name", "one sentence"})
+_NAME_PLACEHOLDER, _TEXT_PLACEHOLDER = "short name", "one sentence"
+_PLACEHOLDERS = frozenset({_NAME_PLACEHOLDER, _TEXT_PLACEHOLDER})
 """The example's placeholder texts in :func:`cluster_prompt` (a weak model copies them)."""
 
 
@@ -232,10 +234,10 @@ def cluster_prompt(descriptions: Sequence[FeatureDescription], sides: Sequence[S
     example = {
         "clusters": [
             {
-                "name": "short name",
+                "name": _NAME_PLACEHOLDER,
                 "features": [d.feature for d in descriptions[:2]],
-                "strengthening": "one sentence",
-                "weakening": "one sentence",
+                "strengthening": _TEXT_PLACEHOLDER,
+                "weakening": _TEXT_PLACEHOLDER,
             }
         ]
     }
@@ -264,18 +266,17 @@ def read_clusters(
         return Clustering(status="unreadable", unclustered=sorted(asked_set))
     notes: list[str] = []
     seen: dict[int, int] = {}
-    copied = [
-        c
-        for c in parsed.clusters
-        if is_filler(c.name, min_words=1) or any(is_filler(getattr(c, side)) for side in sides)
-    ]
-    for c in copied:
-        notes.append(
-            f"cluster {c.name!r}: no description (an example's placeholder or not a sentence); "
-            f"its features left unclustered"
-        )
-    in_copied = {f for c in copied for f in c.features}
-    kept = [c for c in parsed.clusters if c not in copied]
+    kept: list[_AnswerCluster] = []
+    in_copied: set[int] = set()
+    for c in parsed.clusters:
+        if is_filler(c.name, min_words=1) or any(is_filler(getattr(c, side)) for side in sides):
+            notes.append(
+                f"cluster {c.name!r}: no description (an example's placeholder or not a "
+                "sentence); its features left unclustered"
+            )
+            in_copied.update(c.features)
+        else:
+            kept.append(c)
     for i, c in enumerate(kept):
         for f in c.features:
             if f not in asked_set:
