@@ -29,8 +29,10 @@ from typing import Any
 
 from sae_steer_vllm.files import atomic_write_json
 from sae_training import ActivationError, DiskCache
+from sae_training.architectures.matryoshka import default_widths
 
 ROOT = Path(__file__).resolve().parent.parent
+ARCHS = ("standard", "topk", "batchtopk", "matryoshka_batchtopk")
 SAELENS_PY = ROOT / ".venv-saelens" / "bin" / "python"
 
 # Shared by both children: the same train/held-out tensors, prepared once by the parent from
@@ -78,6 +80,7 @@ _OURS = (
 from sae_training import MemoryActivations, RunOptions, TrainConfig, Trainer, export_sae
 import tempfile
 cfg = TrainConfig(architecture=a["arch"], d_sae=a["d_sae"], k=a["k"], l1_coeff=a["l1_coeff"], lr=a["lr"],
+                  matryoshka_widths=a["widths"] if a["arch"] == "matryoshka_batchtopk" else None,
                   lr_decay=0.2, batch_size=a["batch_size"], train_tokens=a["tokens"], grad_clip=a["grad_clip"],
                   norm_tokens=min(32768, a["tokens"]))
 t = time.perf_counter()
@@ -95,6 +98,7 @@ _SAELENS = (
     + r"""
 from sae_lens import StandardTrainingSAE, StandardTrainingSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig
 from sae_lens import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+from sae_lens.saes.matryoshka_batchtopk_sae import MatryoshkaBatchTopKTrainingSAE, MatryoshkaBatchTopKTrainingSAEConfig
 from sae_lens.config import LoggingConfig, SAETrainerConfig
 from sae_lens.training.sae_trainer import SAETrainer
 B = a["batch_size"]
@@ -112,6 +116,8 @@ if a["arch"] == "topk":
     sae = TopKTrainingSAE(TopKTrainingSAEConfig(k=a["k"], **common))
 elif a["arch"] == "batchtopk":
     sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(k=a["k"], **common))
+elif a["arch"] == "matryoshka_batchtopk":
+    sae = MatryoshkaBatchTopKTrainingSAE(MatryoshkaBatchTopKTrainingSAEConfig(k=a["k"], matryoshka_widths=list(a["widths"]), **common))
 else:
     sae = StandardTrainingSAE(StandardTrainingSAEConfig(l1_coefficient=a["l1_coeff"], l1_warm_up_steps=int(0.05 * steps), **common))
 cfg = SAETrainerConfig(total_training_samples=steps * B, train_batch_size_samples=B, lr=a["lr"], lr_end=0.0,
@@ -199,11 +205,19 @@ def main(argv: list[str] | None = None) -> int:
         "--activations", type=Path, default=ROOT / "runs" / "acts-l18-240k", help="activation cache"
     )
     p.add_argument("--layer", type=int, default=18)
+    p.add_argument("--arch", choices=ARCHS, nargs="+", default=list(ARCHS))
     p.add_argument(
-        "--arch",
-        choices=["batchtopk", "topk", "standard"],
+        "--repeats",
+        type=int,
+        default=3,
+        help="runs per trainer and architecture; the table shows the median (default 3)",
+    )
+    p.add_argument(
+        "--matryoshka-widths",
+        type=int,
         nargs="+",
-        default=["batchtopk", "topk", "standard"],
+        default=None,
+        help="levels for matryoshka_batchtopk, both trainers (default d_sae/64, /16, /4, d_sae)",
     )
     p.add_argument("--tokens", type=int, default=65536, help="training tokens for each trainer")
     p.add_argument(
@@ -253,17 +267,23 @@ def main(argv: list[str] | None = None) -> int:
             "lr": args.lr,
             "batch_size": args.batch_size,
             "grad_clip": args.grad_clip,
+            "widths": args.matryoshka_widths or default_widths(args.d_sae),
         }
-        for name, py, code in (
-            ("ours", Path(sys.executable), _OURS),
-            ("SAELens", SAELENS_PY, _SAELENS),
-        ):
-            if name not in args.trainers:
-                continue
-            print(f"[bench] {arch} {name} ...", file=sys.stderr, flush=True)
-            res = _run_child(py, code, child)
-            results["rows"].append({"arch": arch, "trainer": name, **res})
-            print(f"[bench] {arch} {name}: {json.dumps(res)}", file=sys.stderr, flush=True)
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in args.trainers}
+        # trainers alternate within each repeat, so a drift in the machine's load hits both
+        for rep in range(args.repeats):
+            for name, py, code in (
+                ("ours", Path(sys.executable), _OURS),
+                ("SAELens", SAELENS_PY, _SAELENS),
+            ):
+                if name not in args.trainers:
+                    continue
+                print(f"[bench] {arch} {name} run {rep + 1} ...", file=sys.stderr, flush=True)
+                res = _run_child(py, code, child)
+                runs[name].append(res)
+                print(f"[bench] {arch} {name}: {json.dumps(res)}", file=sys.stderr, flush=True)
+        for name, reps in runs.items():
+            results["rows"].append({"arch": arch, "trainer": name, **median_run(reps)})
     tmp.cleanup()
     if args.collect_tokens:
         results["collection"] = collection_speed(cache.meta.model, args.layer, args.collect_tokens)
@@ -272,17 +292,30 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def median_run(reps: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row for several runs of the same training: the median-speed run's numbers (its EV
+    and L0 are every run's: training is deterministic), each run's tokens/s, and the
+    largest training memory of any run (memory is compared, so the worst case counts)."""
+    by_speed = sorted(reps, key=lambda r: r["tokens_per_second"])
+    row = dict(by_speed[(len(by_speed) - 1) // 2])
+    row["runs_tokens_per_second"] = [r["tokens_per_second"] for r in reps]
+    for key in ("train_rss_mb", "peak_rss_mb"):
+        row[key] = max(r[key] for r in reps)
+    return row
+
+
 def markdown_table(results: dict[str, Any]) -> str:
     lines = [
-        "| arch | trainer | tokens/s | speed-up | train RSS (MB) | peak RSS (MB) | EV | L0 "
-        "| EV typical tokens | L0 typical |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| arch | trainer | tokens/s (median) | runs | speed-up | train RSS (MB) | peak RSS (MB) "
+        "| EV | L0 | EV typical tokens | L0 typical |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     base = {r["arch"]: r["tokens_per_second"] for r in results["rows"] if r["trainer"] == "SAELens"}
     for r in results["rows"]:
         up = r["tokens_per_second"] / base[r["arch"]] if r["arch"] in base else float("nan")
         lines.append(
-            f"| {r['arch']} | {r['trainer']} | {r['tokens_per_second']:.0f} | {up:.2f}x | "
+            f"| {r['arch']} | {r['trainer']} | {r['tokens_per_second']:.0f} | "
+            f"{', '.join(f'{v:.0f}' for v in r.get('runs_tokens_per_second', []))} | {up:.2f}x | "
             f"{r['train_rss_mb']:.0f} | {r['peak_rss_mb']:.0f} | {r['explained_variance']:.3f} | "
             f"{r['l0']:.1f} | {r.get('explained_variance_typical', float('nan')):.3f} | "
             f"{r.get('l0_typical', float('nan')):.1f} |"

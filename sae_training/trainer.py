@@ -35,6 +35,7 @@ from sae_steer_vllm.sae import SAE
 from sae_training.activation_sources import ActivationSource, estimate_norm_scale
 from sae_training.architectures import ARCHITECTURES, TrainableSAE, build
 from sae_training.architectures.base import DecoderInit
+from sae_training.architectures.matryoshka import check_widths
 from sae_training.errors import TrainingDiverged, TrainingError
 
 
@@ -53,10 +54,10 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
-    architecture: Literal["standard", "topk", "batchtopk"] = Field(
+    architecture: Literal["standard", "topk", "batchtopk", "matryoshka_batchtopk"] = Field(
         "standard", json_schema_extra={"cli": {"aliases": ["--arch"]}}
     )
-    """SAE architecture (batchtopk saves as jumprelu)"""
+    """SAE architecture (batchtopk and matryoshka_batchtopk save as jumprelu)"""
     d_sae: int = Field(9216, gt=0)
     """number of features (CLI without --recipe: 16 x d_in)"""
     l1_coeff: float = Field(5.0, ge=0)
@@ -64,7 +65,10 @@ class TrainConfig(BaseModel):
     l1_warmup: float = Field(0.05, ge=0, le=1)
     """fraction of training over which L1 ramps up"""
     k: int = Field(64, gt=0)
-    """active features per token for topk/batchtopk"""
+    """active features per token for topk/batchtopk/matryoshka_batchtopk"""
+    matryoshka_widths: list[int] | None = None
+    """nested dictionary sizes for matryoshka_batchtopk, ending at d_sae (default: d_sae/64,
+    d_sae/16, d_sae/4, d_sae)"""
     lr: float = Field(5e-5, gt=0)
     """Adam learning rate"""
     lr_warmup: float = Field(0.0, ge=0, le=1)
@@ -117,8 +121,12 @@ class TrainConfig(BaseModel):
             raise ValueError(
                 f"train_tokens={self.train_tokens} is less than one batch ({self.batch_size})"
             )
-        if self.architecture in ("topk", "batchtopk") and self.k > self.d_sae:
+        if self.architecture != "standard" and self.k > self.d_sae:
             raise ValueError(f"k={self.k} exceeds d_sae={self.d_sae}")
+        if self.matryoshka_widths is not None:
+            if self.architecture != "matryoshka_batchtopk":
+                raise ValueError("matryoshka_widths is only for --arch matryoshka_batchtopk")
+            check_widths(self.matryoshka_widths, self.d_sae)
         return self
 
     @property
@@ -178,6 +186,10 @@ def _all_reduce(t: torch.Tensor, op: Any = None) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------ checkpoints
+ENCODER_LAYOUT = "feature-major"
+"""How checkpoints hold W_enc's optimizer moments (older ones: row-major ``[d_in, d_sae]``)."""
+
+
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Write-then-rename; a checkpoint with non-finite weights is refused."""
     for k, v in state["sae"].items():
@@ -277,7 +289,7 @@ class Trainer:
         self.sae = build_sae(cfg, source.d_in).to(self.device)
         # fused Adam: one kernel per step instead of ~10 elementwise passes over the weights
         self.opt = torch.optim.Adam(
-            self.sae.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True
+            self.sae.optimizer_parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True
         )
         self.step = 0
         self.scale = 0.0
@@ -295,6 +307,7 @@ class Trainer:
             "scale": self.scale,
             "sae": {k: v.detach().cpu().clone() for k, v in self.sae.state_dict().items()},
             "optimizer": self.opt.state_dict(),
+            "encoder_layout": ENCODER_LAYOUT,
             "tokens_since_fired": self.tokens_since_fired.clone(),
             "history": json.dumps(self.history),
         }
@@ -313,12 +326,24 @@ class Trainer:
             )
         self.sae.load_state_dict(state["sae"])
         self.opt.load_state_dict(state["optimizer"])
+        if state.get("encoder_layout") != ENCODER_LAYOUT:
+            self._transpose_encoder_moments()
         self.step = int(state["step"])
         self.scale = float(state["scale"])
         self.tokens_since_fired = state["tokens_since_fired"].clone()
         self.history = json.loads(state["history"])
         self.last_good_step = self.step
         return True
+
+    def _transpose_encoder_moments(self) -> None:
+        """A checkpoint from before the feature-major encoder holds W_enc's Adam moments as
+        ``[d_in, d_sae]``; the optimizer now updates ``[d_sae, d_in]`` (same numbers,
+        transposed: fused Adam would read them in the wrong order, silently)."""
+        names = [name for name, _ in self.sae.named_parameters()]
+        enc = self.opt.param_groups[0]["params"][names.index("W_enc")]
+        for key, value in self.opt.state.get(enc, {}).items():
+            if torch.is_tensor(value) and value.dim() == 2:
+                self.opt.state[enc][key] = value.T.contiguous()
 
     def checkpoint(self) -> None:
         if self.rank == 0:
@@ -373,7 +398,8 @@ class Trainer:
                     raise self._diverged(f"loss became {float(loss_val)}")
                 for g in self.opt.param_groups:
                     g["lr"] = cfg.lr_at(self.step)
-                self.opt.zero_grad(set_to_none=False)
+                # the first gradient is taken, not added into a zeroed buffer
+                self.sae.zero_grad(set_to_none=True)
                 out.loss.backward()
                 if self.world > 1:
                     flat = torch.cat([p.grad.reshape(-1) for p in params if p.grad is not None])

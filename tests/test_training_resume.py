@@ -43,8 +43,20 @@ def _kill_at(step: int):  # type: ignore[no-untyped-def]
     return on_log
 
 
-@pytest.mark.parametrize("arch", ["standard", "topk", "batchtopk"])
-def test_resume_equals_uninterrupted_run(arch: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("arch", "old_layout"),
+    [
+        ("standard", False),
+        ("topk", False),
+        ("batchtopk", False),
+        ("matryoshka_batchtopk", False),
+        ("topk", True),
+    ],
+)
+def test_resume_equals_uninterrupted_run(arch: str, old_layout: bool, tmp_path: Path) -> None:
+    """``old_layout``: the checkpoint is rewritten as versions before the feature-major
+    encoder wrote it (W_enc's Adam moments row-major, no layout field); resuming it must
+    still continue the run exactly."""
     cfg = CFG.model_copy(update={"architecture": arch})
     # 40 steps on 2048 tokens = 2.5 epochs, so the resume point crosses an epoch boundary
     src = MemoryActivations(synthetic_acts(n=2048, d=16))
@@ -55,6 +67,8 @@ def test_resume_equals_uninterrupted_run(arch: str, tmp_path: Path) -> None:
         with pytest.raises(Killed):
             killed.train(on_log=_kill_at(23))  # dies after step 23; last checkpoint is step 20
         assert load_checkpoint(tmp_path / "killed" / CHECKPOINT_FILE)["step"] == 20
+        if old_layout:
+            _to_row_major_checkpoint(tmp_path / "killed" / CHECKPOINT_FILE)
         resumed = Trainer(cfg, src, tmp_path / "killed", opts)
         assert resumed.resume() and resumed.step == 20
         again = resumed.train()
@@ -63,6 +77,17 @@ def test_resume_equals_uninterrupted_run(arch: str, tmp_path: Path) -> None:
     ):
         assert torch.equal(a, b), name
     assert [h["loss"] for h in full.history] == [h["loss"] for h in again.history]
+
+
+def _to_row_major_checkpoint(path: Path) -> None:
+    state = load_checkpoint(path)
+    assert state.pop("encoder_layout") == "feature-major"
+    enc = list(state["sae"]).index("W_enc")
+    moments = state["optimizer"]["state"][enc]
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert moments[key].shape == (64, 16)  # [d_sae, d_in]
+        moments[key] = moments[key].T.contiguous()
+    torch.save(state, path)
 
 
 def test_resume_rejects_a_different_config(tmp_path: Path) -> None:

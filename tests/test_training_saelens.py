@@ -43,7 +43,12 @@ for folder in sys.argv[2:]:
     }
 print(json.dumps(info))
 """
-ARCHS = {"standard": "StandardSAE", "topk": "TopKSAE", "batchtopk": "JumpReLUSAE"}
+ARCHS = {
+    "standard": "StandardSAE",
+    "topk": "TopKSAE",
+    "batchtopk": "JumpReLUSAE",
+    "matryoshka_batchtopk": "JumpReLUSAE",
+}
 # name -> (architecture, TrainConfig fields): the paper release's settings as a fourth
 # variant (encoder input x, not x - b_dec; SAELens 5.5's decoder init; rows without BOS)
 VARIANTS = {

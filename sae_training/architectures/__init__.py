@@ -6,11 +6,12 @@ from typing import Any
 
 from sae_training.architectures.base import ForwardOutput, TrainableSAE
 from sae_training.architectures.batchtopk import BatchTopKSAE
+from sae_training.architectures.matryoshka import MatryoshkaBatchTopKSAE
 from sae_training.architectures.standard import StandardSAE
 from sae_training.architectures.topk import TopKSAE
 
 ARCHITECTURES: dict[str, type[TrainableSAE]] = {
-    cls.name: cls for cls in (StandardSAE, TopKSAE, BatchTopKSAE)
+    cls.name: cls for cls in (StandardSAE, TopKSAE, BatchTopKSAE, MatryoshkaBatchTopKSAE)
 }
 
 
@@ -29,6 +30,7 @@ __all__ = [
     "ARCHITECTURES",
     "BatchTopKSAE",
     "ForwardOutput",
+    "MatryoshkaBatchTopKSAE",
     "StandardSAE",
     "TopKSAE",
     "TrainableSAE",

@@ -5,6 +5,11 @@ Penalising ``f_i * ||W_dec[i]||`` instead of ``f_i`` with unit-norm rows
 rescaling a feature between encoder and decoder, so no renormalisation step
 is needed. The coefficient ramps linearly from 0 over the first
 ``l1_warmup`` of training, which keeps features from dying early.
+
+Training runs on the active features only (:mod:`sparse_ops`): once the L1 penalty has
+made the code sparse (L0 ~400 of 9,216 features on the default model) the decoder and every
+gradient touch only those entries; while it is dense (at the start half the features fire)
+the same kernels use dense products.
 """
 
 from __future__ import annotations
@@ -15,6 +20,25 @@ import torch
 
 from sae_steer_vllm.sae import Architecture
 from sae_training.architectures.base import ForwardOutput, TrainableSAE, mse_per_token
+from sae_training.architectures.sparse_ops import Active, relu_encode, sparse_decode
+
+
+class _RowNorms(torch.autograd.Function):
+    """``W.norm(dim=-1)`` whose backward is one pass over ``W`` (autograd's takes two: a
+    multiply and a divide over the whole decoder, 18 ms of a ~350 ms step at 9,216 x 576);
+    a zero row gets zero gradient, as autograd's."""
+
+    @staticmethod
+    def forward(ctx: Any, W: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        n = W.norm(dim=-1)
+        ctx.save_for_backward(W, n)
+        return n
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        W, n = ctx.saved_tensors
+        scale = torch.where(n > 0, grad / n, torch.zeros_like(n))
+        return W * scale.unsqueeze(1)
 
 
 class StandardSAE(TrainableSAE):
@@ -36,16 +60,26 @@ class StandardSAE(TrainableSAE):
         return self.l1_coeff * min(1.0, progress / self.l1_warmup)
 
     def training_forward(self, x: torch.Tensor, progress: float) -> ForwardOutput:
-        f = torch.relu(self.pre_acts(x))
-        recon = f @ self.W_dec + self.b_dec
+        enc = relu_encode(x, self.encoder_offset(), self.W_enc, self.b_enc)
+        norms: torch.Tensor = _RowNorms.apply(self.W_dec)  # type: ignore[no-untyped-call]
+        fired = torch.zeros(self.d_sae, dtype=torch.bool, device=x.device)
+        if isinstance(enc, Active):
+            recon = sparse_decode(enc, self.W_dec) + self.b_dec
+            l1 = (enc.vals * norms[enc.cols]).sum() / x.shape[0]
+            fired[enc.cols] = True
+            l0 = torch.tensor(enc.cols.numel() / x.shape[0])
+        else:
+            recon = enc @ self.W_dec + self.b_dec
+            l1 = (enc * norms).sum() / x.shape[0]
+            active = enc > 0
+            fired = active.any(0)
+            l0 = active.sum() / x.shape[0]
         mse = mse_per_token(recon, x)
-        l1 = (f * self.W_dec.norm(dim=-1)).sum(-1).mean()
         coeff = self.current_l1(progress)
-        active = f > 0
         return ForwardOutput(
             recon=recon,
             loss=mse + coeff * l1,
-            l0=active.sum(-1).float().mean(),
-            fired=active.any(0),
+            l0=l0,
+            fired=fired,
             terms={"mse": mse.detach(), "l1": l1.detach(), "l1_coeff": torch.tensor(coeff)},
         )

@@ -85,7 +85,8 @@ def settings_for(
     if arch == "topk":
         k = sae.cfg.k
     elif arch == "batchtopk":
-        rec_k = trained.get("k") if trained.get("architecture") == "batchtopk" else None
+        batch_rule = ("batchtopk", "matryoshka_batchtopk")
+        rec_k = trained.get("k") if trained.get("architecture") in batch_rule else None
         k = int(rec_k) if isinstance(rec_k, int) else max(1, round(ref_l0))
         k = min(k, sae.cfg.d_sae)
     scale = record.get("normalisation_scale")
