@@ -23,7 +23,7 @@ import torch
 
 from sae_training.architectures.base import mse_per_token
 from sae_training.architectures.batchtopk import BatchTopKSAE
-from sae_training.architectures.sparse_ops import Active, sparse_decode
+from sae_training.architectures.sparse_ops import Active, crow_of, sparse_decode
 
 
 def default_widths(d_sae: int) -> list[int]:
@@ -70,7 +70,7 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
         order = torch.argsort(level, stable=True)
         bag = level[order] * B + a.rows()[order]
         counts = torch.bincount(bag, minlength=L * B)
-        crow = torch.nn.functional.pad(torch.cumsum(counts, 0), (1, 0))
+        crow = crow_of(counts)
         by_feature = None
         if a.by_feature is not None:  # the same entries by feature, in their new positions
             new_pos = torch.empty_like(order)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 #: Above this fraction of positive entries the L1 SAE runs dense (:func:`relu_encode`). Measured at
 #: B=1024, 9,216 features, d_in 576 on 2 CPU cores: a dense product takes ~110 ms; the sparse
 #: kernels of one step take ~25 ms at 0.7% active (TopK k=64), ~100 ms at 4%, ~250 ms at 11%
-#: against ~450 ms dense, so they break even near 20%.
+#: against ~450 ms dense, so they break even near 20%; the switch sits a little below.
 DENSE_ABOVE = 0.15
 
 
@@ -58,13 +58,15 @@ class Active(NamedTuple):
 
 
 def rows_of(crow: torch.Tensor, n: int) -> torch.Tensor:
+    """The row (token, or bag) of each of the ``n`` entries that ``crow`` delimits."""
     counts = crow[1:] - crow[:-1]
     return torch.repeat_interleave(
         torch.arange(counts.numel(), device=crow.device), counts, output_size=n
     )
 
 
-def _crow(counts: torch.Tensor) -> torch.Tensor:
+def crow_of(counts: torch.Tensor) -> torch.Tensor:
+    """CSR row offsets for rows holding ``counts`` entries each."""
     return F.pad(torch.cumsum(counts, 0), (1, 0))
 
 
@@ -140,7 +142,7 @@ def batch_topk(pre: torch.Tensor, k: int) -> Active:
     keep = vals > 0
     rows, cols, vals = rows[keep], cols[keep], vals[keep]
     order = torch.argsort(rows * d_sae + cols)
-    return Active(vals[order], cols[order], _crow(torch.bincount(rows, minlength=B)))
+    return Active(vals[order], cols[order], crow_of(torch.bincount(rows, minlength=B)))
 
 
 # ------------------------------------------------------------------ encoder
@@ -253,7 +255,7 @@ def _weight_grad(
     rows = rows_of(crow, cols.numel())
     if order is None:
         order = torch.argsort(cols, stable=True)
-    ccol = _crow(torch.bincount(cols, minlength=d_sae))
+    ccol = crow_of(torch.bincount(cols, minlength=d_sae))
     return F.embedding_bag(
         rows[order],
         dense,
