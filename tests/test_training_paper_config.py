@@ -160,7 +160,8 @@ def test_saelens_heuristic_decoder_init_follows_the_saelens_rule() -> None:
     torch.testing.assert_close(sae.W_enc.data, w.T)
     assert (sae.W_dec.data >= 0).all()
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.full((d_sae,), 0.1))
-    assert sae.W_enc.is_contiguous()
+    # stored feature-major (a [d_sae, d_in] buffer seen as [d_in, d_sae]; base.py says why)
+    assert sae.W_enc.T.is_contiguous()
     gaussian = build("standard", d_in, d_sae, seed=seed)
     assert (gaussian.W_dec.data < 0).any()  # the other rule really is another rule
     unit = build("topk", d_in, d_sae, k=4, decoder_init="saelens-heuristic", seed=seed)
