@@ -96,8 +96,8 @@ def test_encode_decode_match_autograd(
     def ours(p: dict[str, torch.Tensor]) -> torch.Tensor:
         if rule == "relu":
             enc = relu_encode(x, p["b_dec"], p["W_enc"], p["b_enc"])
-            assert isinstance(enc, Active) == (branch == "sparse")
-            if not isinstance(enc, Active):
+            assert isinstance(enc, torch.Tensor) == (branch == "dense")
+            if isinstance(enc, torch.Tensor):
                 recon = enc @ p["W_dec"] + p["b_dec"]
                 return (recon * upstream).sum() + (enc * l1_weight).sum()
         a = sparse_encode(x, p["b_dec"], p["W_enc"], p["b_enc"], partial(RULES[rule], k=k))
