@@ -65,6 +65,13 @@ def rows_of(crow: torch.Tensor, n: int) -> torch.Tensor:
     )
 
 
+def features_fired(cols: torch.Tensor, d_sae: int) -> torch.Tensor:
+    """``[d_sae]`` bool: which features appear among the active entries ``cols``."""
+    fired = torch.zeros(d_sae, dtype=torch.bool, device=cols.device)
+    fired[cols] = True
+    return fired
+
+
 def crow_of(counts: torch.Tensor) -> torch.Tensor:
     """CSR row offsets for rows holding ``counts`` entries each."""
     return F.pad(torch.cumsum(counts, 0), (1, 0))

@@ -20,7 +20,7 @@ import torch
 
 from sae_steer_vllm.sae import Architecture
 from sae_training.architectures.base import ForwardOutput, TrainableSAE, mse_per_token
-from sae_training.architectures.sparse_ops import relu_encode, sparse_decode
+from sae_training.architectures.sparse_ops import features_fired, relu_encode, sparse_decode
 
 
 class _RowNorms(torch.autograd.Function):
@@ -62,7 +62,6 @@ class StandardSAE(TrainableSAE):
     def training_forward(self, x: torch.Tensor, progress: float) -> ForwardOutput:
         enc = relu_encode(x, self.encoder_offset(), self.W_enc, self.b_enc)
         norms: torch.Tensor = _RowNorms.apply(self.W_dec)  # type: ignore[no-untyped-call]
-        fired = torch.zeros(self.d_sae, dtype=torch.bool, device=x.device)
         if isinstance(enc, torch.Tensor):  # dense: most features fire
             recon = enc @ self.W_dec + self.b_dec
             l1 = (enc * norms).sum() / x.shape[0]
@@ -72,7 +71,7 @@ class StandardSAE(TrainableSAE):
         else:
             recon = sparse_decode(enc, self.W_dec) + self.b_dec
             l1 = (enc.vals * norms[enc.cols]).sum() / x.shape[0]
-            fired[enc.cols] = True
+            fired = features_fired(enc.cols, self.d_sae)
             l0 = torch.tensor(enc.cols.numel() / x.shape[0])
         mse = mse_per_token(recon, x)
         coeff = self.current_l1(progress)

@@ -13,7 +13,7 @@ import torch
 
 from sae_steer_vllm.sae import Architecture
 from sae_training.architectures.base import ForwardOutput, TrainableSAE, mse_per_token
-from sae_training.architectures.sparse_ops import Active, sparse_decode, topk_encode
+from sae_training.architectures.sparse_ops import Active, features_fired, sparse_decode, topk_encode
 
 
 class TopKSAE(TrainableSAE):
@@ -49,8 +49,7 @@ class TopKSAE(TrainableSAE):
         a = self.sparse_encode(x)
         recon, loss, terms = self.reconstruction_loss(a, x)
         alive = a.vals > 0
-        fired = torch.zeros(self.d_sae, dtype=torch.bool, device=x.device)
-        fired[a.cols[alive]] = True
+        fired = features_fired(a.cols[alive], self.d_sae)
         return ForwardOutput(
             recon=recon,
             loss=loss,
